@@ -1,0 +1,154 @@
+r"""SyCoCa pretraining (and its CoCa / CLIP baselines from the same code).
+
+Tiny run on the embedded dataset, 2 CPU cores, a few minutes:
+
+  python -m sycoca_jax.main --config=configs/sycoca.py:tiny --workdir=/tmp/sycoca_tiny
+
+CoCa-Base/16 on CC3M prepared with `python -m sycoca_jax.data.prepare local ...`:
+
+  python -m sycoca_jax.main --config=configs/sycoca.py:size=B/16,objective=coca,data=cc3m \
+      --config.data.data_dir=gs://bucket/tfds --workdir=gs://bucket/runs/coca_b16_cc3m
+
+Arguments (comma separated ``key=value``; a bare word is the size):
+  size       tiny | S/16 | B/16 | B/32 | L/14   (CoCa Table 1 widths; ``tiny`` for CPUs)
+  objective  sycoca | coca | clip
+  data       shapes | cc3m | cc12m             (``shapes`` is the embedded default dataset)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sycoca_jax.config_args import parse_arg
+
+# Text side per image-tower size: CoCa Table 1 (Base: 12 + 12 layers, width 768, 12 heads;
+# Large: width 1024, 16 heads). S is our scaled-down point: ViT-S with a 6 + 6 layer text side.
+SIZES = {
+    "tiny": dict(
+        image_size=64, patch_size=8, image_width=64, image_depth=2, image_heads=2,
+        image_mlp_dim=256, text_width=64, text_depth=2, multimodal_depth=2, text_heads=2,
+        text_mlp_dim=256, embed_dim=64, caption_queries=16, pooler_heads=2, decoder_width=64,
+        decoder_depth=1, decoder_heads=2, decoder_mlp_dim=256, vocab_size=512, max_text_len=24,
+        dtype="float32", scan=False,
+    ),
+    "S/16": dict(
+        image_size=224, patch_size=16, image_width=384, image_depth=12, image_heads=6,
+        image_mlp_dim=1536, text_width=384, text_depth=6, multimodal_depth=6, text_heads=6,
+        text_mlp_dim=1536, embed_dim=384, caption_queries=256, pooler_heads=6,
+    ),
+    "B/16": dict(
+        image_size=224, patch_size=16, image_width=768, image_depth=12, image_heads=12,
+        image_mlp_dim=3072, text_width=768, text_depth=12, multimodal_depth=12, text_heads=12,
+        text_mlp_dim=3072, embed_dim=512, caption_queries=256, pooler_heads=8,
+    ),
+    "B/32": dict(
+        image_size=224, patch_size=32, image_width=768, image_depth=12, image_heads=12,
+        image_mlp_dim=3072, text_width=768, text_depth=12, multimodal_depth=12, text_heads=12,
+        text_mlp_dim=3072, embed_dim=512, caption_queries=256, pooler_heads=8,
+    ),
+    "L/14": dict(
+        image_size=224, patch_size=14, image_width=1024, image_depth=24, image_heads=16,
+        image_mlp_dim=4096, text_width=1024, text_depth=12, multimodal_depth=12, text_heads=16,
+        text_mlp_dim=4096, embed_dim=768, caption_queries=256, pooler_heads=16,
+    ),
+}
+
+# Defaults shared by every non-tiny size (tiny overrides some of them).
+LARGE_DEFAULTS = dict(
+    vocab_size=64_000, max_text_len=76, decoder_width=512, decoder_depth=4, decoder_heads=16,
+    decoder_mlp_dim=2048, dtype="bfloat16", scan=True,
+)
+
+OBJECTIVES = {
+    # objective: model switches and loss weights (DESIGN §2: L = ITC + 2 IC + TG-MIM).
+    "sycoca": dict(
+        model=dict(use_captioning=True, use_tgmim=True, ic_masking="attentive",
+                   tgmim_masking="attentive"),
+        loss=dict(itc_weight=1.0, caption_weight=2.0, tgmim_weight=1.0),
+    ),
+    "coca": dict(
+        model=dict(use_captioning=True, use_tgmim=False, ic_masking="none"),
+        loss=dict(itc_weight=1.0, caption_weight=2.0, tgmim_weight=0.0),
+    ),
+    "clip": dict(
+        model=dict(use_captioning=False, use_tgmim=False, ic_masking="none"),
+        loss=dict(itc_weight=1.0, caption_weight=0.0, tgmim_weight=0.0),
+    ),
+}
+
+
+def model_config(size: str, objective: str) -> ml_collections.ConfigDict:
+    """Fields of ``sycoca_jax.models.sycoca.SyCoCa`` for a size and objective."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    fields = dict(
+        pad_id=0,
+        posemb="learn",
+        pooler="cascade",
+        temperature_init=1 / 0.07,
+        temperature_max=100.0,
+        score_mode="max_sim",
+        ic_masking="attentive",
+        ic_keep_ratio=0.5,
+        tgmim_masking="attentive",
+        tgmim_mask_ratio=0.5,
+        branch_encoding="reencode",
+        text_guided=True,
+        norm_pix_loss=True,
+        attention_impl="xla",
+        remat="none",
+    )
+    if size != "tiny":
+        fields.update(LARGE_DEFAULTS)
+    fields.update(SIZES[size])
+    fields.update(OBJECTIVES[objective]["model"])
+    return ml_collections.ConfigDict(fields)
+
+
+def data_config(name: str) -> ml_collections.ConfigDict:
+    """``config.data`` for ``data=shapes|cc3m|cc12m`` (``sycoca_jax.data.pipeline`` reads it).
+
+    Image size and caption length come from ``config.model`` (image_size, max_text_len).
+    """
+    placeholder = ml_collections.config_dict.placeholder
+    common = dict(
+        data_dir=placeholder(str),  # unset: $SYCOCA_DATA_DIR, else ~/tensorflow_datasets
+        tokenizer=placeholder(str),  # SentencePiece .model; unset: the dataset's bundled one
+        train_split="train",
+        eval_split=placeholder(str),
+        shuffle_seed=0,
+        num_workers=2,  # threads or processes preprocessing the input; 0 = inline
+        prefetch="thread",  # "thread" | "process" (grain worker processes)
+        prefetch_buffer_size=2,  # batches buffered ahead (per worker with "process")
+        crop_scale=(0.9, 1.0),  # random-resized-crop area fraction, training only
+        min_image_size=32,  # shorter side in pixels; smaller images are skipped
+        max_skipped_fraction=0.01,  # stop if more records than this are bad at load time
+        image_decoder="pil",  # "pil": we decode (bad images skipped); "tfds": TFDS decodes
+    )
+    if name == "shapes":
+        fields = dict(common, name="sycoca_shapes", eval_split="validation", min_image_size=16,
+                      max_skipped_fraction=0.0)
+    elif name in ("cc3m", "cc12m"):
+        # Built with `python -m sycoca_jax.data.prepare local --name=cc3m ...`; cc12m has no
+        # official validation split (give one with --source=validation=... to set eval_split).
+        fields = dict(common, name=name, num_workers=16, prefetch="process",
+                      eval_split="validation" if name == "cc3m" else placeholder(str))
+    else:
+        raise ValueError(f"unknown data {name!r}; known: shapes, cc3m, cc12m")
+    return ml_collections.ConfigDict(fields)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg, positional="size", size="tiny", objective="sycoca", data="shapes")
+    config = ml_collections.ConfigDict()
+    config.size = args.size
+    config.objective = args.objective
+    config.model = model_config(args.size, args.objective)
+    config.loss = ml_collections.ConfigDict(
+        dict(**OBJECTIVES[args.objective]["loss"], label_smoothing=0.0)
+    )
+    config.data = data_config(args.data)
+    config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes
+    return config

@@ -1,0 +1,1 @@
+"""Pure linen modules: towers, heads and masking of SyCoCa."""

@@ -1,0 +1,364 @@
+"""Building blocks shared by every tower: attention (with a KV cache), MLP, pre-LN blocks, poolers.
+
+Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``layers``...) so one
+rule table decides how the whole model is sharded; activations are constrained at block boundaries
+with ``act_batch``/``act_len``/``act_embed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Array = jax.Array
+
+NEG_INF = -1e9  # large finite negative: keeps fully-masked rows finite (they never occur by design)
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def logical_init(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """An initialiser whose parameter carries logical axis names for sharding."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=logical_init(nn.initializers.ones, ("embed",)),
+        bias_init=logical_init(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def causal_mask(length: int) -> Array:
+    """(length, length) boolean mask, True where query i may attend to key j (j <= i)."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+def key_padding_mask(valid: Array) -> Array:
+    """(B, S) validity of keys -> (B, 1, 1, S) attention mask."""
+    return valid[:, None, None, :]
+
+
+def dot_product_attention(
+    query: Array, key: Array, value: Array, mask: Array | None, implementation: str = "xla"
+) -> Array:
+    """Softmax attention. q (B,T,H,D), k/v (B,S,H,D), mask broadcastable to (B,H,T,S), True=keep.
+
+    ``xla`` is our einsum path with the softmax in float32; ``cudnn`` (and ``jax``) call
+    ``jax.nn.dot_product_attention`` so a fused kernel can be used on GPU.
+    """
+    if implementation in ("cudnn", "jax"):
+        impl = "cudnn" if implementation == "cudnn" else None
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+    if implementation != "xla":
+        raise ValueError(
+            f"attention implementation must be xla, cudnn or jax, got {implementation!r}"
+        )
+    depth = query.shape[-1]
+    logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(depth))
+    if mask is not None:
+        logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, value)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention; self-attention when ``inputs_kv`` is None.
+
+    With ``decode=True``:
+    - self-attention appends this chunk's keys/values to a cache (``cache`` collection) and the
+      chunk attends causally to everything cached so far;
+    - cross-attention stores the context's keys/values the first time it is given a context, and
+      reads them back when later calls pass ``inputs_kv=None`` (so image tokens are projected once
+      per generated caption, not once per token).
+    The cache is created by one pass on full-length inputs (``SyCoCa.init_decode_cache``).
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    out_features: int | None = None
+    cross: bool = False
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        mask: Array | None = None,
+        value_only: bool = False,
+    ) -> Array:
+        """``value_only``: skip the softmax and return each key token's value path
+        (``out(value(x_kv))``, one output per key), i.e. attention over that token alone."""
+        out_features = self.out_features or inputs_q.shape[-1]
+        if self.head_dim is None and out_features % self.num_heads:
+            raise ValueError(f"width {out_features} is not divisible by {self.num_heads} heads")
+        head_dim = self.head_dim or out_features // self.num_heads
+
+        def proj(name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=logical_init(
+                    nn.initializers.xavier_uniform(), ("embed", "heads", "kv")
+                ),
+                bias_init=logical_init(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )
+
+        if not self.cross:
+            inputs_kv = inputs_q
+        if value_only:
+            out = proj("value")(inputs_kv)
+        else:
+            query = proj("query")(inputs_q)
+            if self.decode and self.cross:
+                key, value = self._cached_context(proj, inputs_kv)
+            else:
+                if inputs_kv is None:
+                    raise ValueError("cross-attention needs a context (inputs_kv)")
+                key, value = proj("key")(inputs_kv), proj("value")(inputs_kv)
+            if self.decode and not self.cross:
+                key, value, mask = self._update_cache(key, value)
+            out = dot_product_attention(query, key, value, mask, self.attention_impl)
+        return nn.DenseGeneral(
+            out_features,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            bias_init=logical_init(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+
+    def _cached_context(self, proj: Callable, context: Array | None) -> tuple[Array, Array]:
+        if context is None:
+            if not self.has_variable("cache", "context_key"):
+                raise ValueError("decoding without a context needs a cache filled by a first step")
+            cache = self.variables["cache"]
+            return cache["context_key"], cache["context_value"]
+        key, value = proj("key")(context), proj("value")(context)
+        self.put_variable("cache", "context_key", key)
+        self.put_variable("cache", "context_value", value)
+        return key, value
+
+    def _update_cache(self, key: Array, value: Array) -> tuple[Array, Array, Array]:
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            # Creation pass: the full-length input only fixes the cache shape.
+            return key, value, causal_mask(key.shape[1])[None, None]
+        chunk = key.shape[1]
+        max_len = cached_key.value.shape[1]
+        start = index.value
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value, (0, start, 0, 0)
+        )
+        index.value = start + chunk
+        query_pos = start + jnp.arange(chunk)
+        mask = jnp.arange(max_len)[None, :] <= query_pos[:, None]
+        return cached_key.value, cached_value.value, mask[None, None]
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.hidden_dim,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical_init(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=logical_init(nn.initializers.normal(1e-6), ("mlp",)),
+            name="fc1",
+        )(x)
+        h = nn.gelu(h)
+        h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical_init(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=logical_init(nn.initializers.normal(1e-6), ("embed",)),
+            name="fc2",
+        )(h)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: self-attention, optional cross-attention, MLP.
+
+    ``scanned=True`` makes the call signature ``(carry, None)``-shaped for ``nn.scan``.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = False
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    decode: bool = False
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+    ):
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        y = layer_norm(self.dtype, "ln_self")(x)
+        y = MultiHeadAttention(
+            self.num_heads,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+            name="self_attention",
+        )(y, mask=mask)
+        x = x + y
+        if self.cross_attention:
+            y = layer_norm(self.dtype, "ln_cross")(x)
+            y = MultiHeadAttention(
+                self.num_heads,
+                cross=True,
+                dtype=self.dtype,
+                attention_impl=self.attention_impl,
+                decode=self.decode,
+                name="cross_attention",
+            )(y, context, mask=context_mask)
+            x = x + y
+        y = layer_norm(self.dtype, "ln_mlp")(x)
+        x = x + Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        return (x, None) if self.scanned else x
+
+
+class BlockStack(nn.Module):
+    """``depth`` blocks, either unrolled (``block_i``) or as one ``nn.scan`` (params stacked on a
+    leading ``layers`` axis), each optionally rematerialised. Scanning keeps compile time flat in
+    depth; unrolled params are easier to read. The two compute the same function."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = False
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    decode: bool = False
+    scan: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+    ) -> Array:
+        block_cls = Block
+        if self.remat != "none":
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(
+                    f"remat must be one of none, {', '.join(REMAT_POLICIES)}; got {self.remat!r}"
+                )
+            block_cls = nn.remat(
+                block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan
+            )
+        kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            cross_attention=self.cross_attention,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+        )
+        if self.scan:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(scanned=True, name="blocks", **kwargs)(x, mask, context, context_mask)
+            return x
+        for i in range(self.depth):
+            x = block_cls(name=f"block_{i}", **kwargs)(x, mask, context, context_mask)
+        return x
+
+
+class AttentionalPooler(nn.Module):
+    """Learned queries cross-attending to a token sequence (CoCa's pooler).
+
+    ``single_token`` gives, for every input token, what the pooler outputs when that token is the
+    only one it sees (softmax over one key is 1): the token's value path through the pooler. The
+    relevance scores use it to place patches in the contrastive space whatever the pooler layout.
+    """
+
+    num_queries: int
+    width: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def setup(self):
+        self.queries = self.param(
+            "queries",
+            logical_init(nn.initializers.normal(0.02), ("queries", "embed")),
+            (self.num_queries, self.width),
+            jnp.float32,
+        )
+        self.ln_context = layer_norm(self.dtype)
+        self.attention = MultiHeadAttention(
+            self.num_heads,
+            out_features=self.width,
+            cross=True,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+        )
+        self.ln_out = layer_norm(self.dtype)
+
+    def __call__(self, tokens: Array, mask: Array | None = None) -> Array:
+        context = self.ln_context(tokens)
+        queries = jnp.broadcast_to(
+            self.queries.astype(self.dtype), (tokens.shape[0], self.num_queries, self.width)
+        )
+        out = self.attention(queries, context, mask=mask)
+        return self.ln_out(out)
+
+    def single_token(self, tokens: Array) -> Array:
+        """(B, N, D_in) -> (B, N, width): each token pooled on its own."""
+        context = self.ln_context(tokens)
+        return self.ln_out(self.attention(context, context, value_only=True))

@@ -1,0 +1,405 @@
+"""SyCoCa: CoCa's contrastive and captioning heads plus a text-guided MIM head.
+
+One training forward (``__call__``) returns everything the three losses need; ``encode_image``,
+``encode_text``, ``caption_logits`` and ``decode_step`` are the inference entry points. All
+token arrays are the pipeline's ``(B, max_text_len + 1)`` arrays; the text tower reads the first
+``max_text_len`` of them (``caption_input_and_target``).
+
+Setting ``use_tgmim=False, ic_masking="none"`` gives CoCa; also ``use_captioning=False`` gives
+CLIP.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sycoca_jax.models import layers, masking
+from sycoca_jax.models.text import (
+    MultimodalDecoder,
+    TextEncoder,
+    caption_input_and_target,
+)
+from sycoca_jax.models.tgmim import TGMIMDecoder
+from sycoca_jax.models.vit import ViT, gather_tokens, patchify
+
+Array = jax.Array
+
+POOLER_LAYOUTS = ("cascade", "parallel", "single")
+BRANCH_ENCODINGS = ("reencode", "reuse")
+
+
+def l2_normalize(x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def normalized_patch_targets(images: Array, patch_size: int, normalize: bool = True) -> Array:
+    """Pixel targets per patch (B, N, p*p*C), float32; MAE's ``norm_pix_loss`` when normalize."""
+    target = patchify(images.astype(jnp.float32), patch_size)
+    if not normalize:
+        return target
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True)
+    return (target - mean) * jax.lax.rsqrt(var + 1e-6)
+
+
+class SyCoCa(nn.Module):
+    """The full model. Every field is a plain value, so ``SyCoCa(**config.model)`` builds it."""
+
+    # Image tower.
+    image_size: int = 224
+    patch_size: int = 16
+    image_width: int = 768
+    image_depth: int = 12
+    image_heads: int = 12
+    image_mlp_dim: int = 3072
+    posemb: str = "learn"
+    # Text towers.
+    vocab_size: int = 64_000
+    max_text_len: int = 76
+    pad_id: int = 0
+    text_width: int = 768
+    text_depth: int = 12
+    multimodal_depth: int = 12
+    text_heads: int = 12
+    text_mlp_dim: int = 3072
+    # Poolers and the contrastive head.
+    embed_dim: int = 512
+    pooler: str = "cascade"
+    caption_queries: int = 256
+    pooler_heads: int = 8
+    temperature_init: float = 1 / 0.07
+    temperature_max: float = 100.0
+    # Objectives and attentive masking.
+    use_captioning: bool = True
+    use_tgmim: bool = True
+    score_mode: str = "max_sim"
+    ic_masking: str = "attentive"
+    ic_keep_ratio: float = 0.5
+    tgmim_masking: str = "attentive"
+    tgmim_mask_ratio: float = 0.5
+    branch_encoding: str = "reencode"
+    # TG-MIM decoder.
+    decoder_width: int = 512
+    decoder_depth: int = 4
+    decoder_heads: int = 16
+    decoder_mlp_dim: int = 2048
+    text_guided: bool = True
+    norm_pix_loss: bool = True
+    # Compute.
+    dtype: Any = "float32"
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat: str = "none"
+    decode: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many image tokens the multimodal decoder cross-attends to."""
+        return self.caption_queries - 1 if self.pooler == "single" else self.caption_queries
+
+    def _check(self) -> None:
+        if self.pooler not in POOLER_LAYOUTS:
+            raise ValueError(f"pooler must be one of {POOLER_LAYOUTS}, got {self.pooler!r}")
+        if self.branch_encoding not in BRANCH_ENCODINGS:
+            raise ValueError(
+                f"branch_encoding must be one of {BRANCH_ENCODINGS}, got {self.branch_encoding!r}"
+            )
+        if self.pooler == "single" and self.caption_queries < 2:
+            raise ValueError("the single pooler layout needs caption_queries >= 2")
+        if self.use_tgmim and self.tgmim_masking == "none":
+            raise ValueError("TG-MIM needs masked patches: tgmim_masking must not be 'none'")
+        for mode in (self.ic_masking, self.tgmim_masking):
+            if mode not in masking.MASKING_MODES:
+                raise ValueError(
+                    f"masking mode must be one of {masking.MASKING_MODES}, got {mode!r}"
+                )
+
+    def setup(self):
+        self._check()
+        dtype = jnp.dtype(self.dtype)
+        common = dict(dtype=dtype, attention_impl=self.attention_impl)
+        stack = dict(scan=self.scan, remat=self.remat)
+        self.image_encoder = ViT(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            width=self.image_width,
+            depth=self.image_depth,
+            num_heads=self.image_heads,
+            mlp_dim=self.image_mlp_dim,
+            posemb=self.posemb,
+            **common,
+            **stack,
+        )
+        self.text_encoder = TextEncoder(
+            vocab_size=self.vocab_size,
+            max_len=self.max_text_len,
+            width=self.text_width,
+            depth=self.text_depth,
+            num_heads=self.text_heads,
+            mlp_dim=self.text_mlp_dim,
+            pad_id=self.pad_id,
+            decode=self.decode,
+            **common,
+            **stack,
+        )
+        self.caption_pooler = layers.AttentionalPooler(
+            self.caption_queries, self.text_width, self.pooler_heads, **common
+        )
+        if self.pooler != "single":
+            self.contrastive_pooler = layers.AttentionalPooler(
+                1, self.text_width, self.pooler_heads, **common
+            )
+
+        def projection() -> nn.Dense:
+            return nn.Dense(
+                self.embed_dim,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=layers.logical_init(nn.initializers.lecun_normal(), ("embed", "proj")),
+            )
+
+        self.image_projection = projection()
+        self.text_projection = projection()
+        self.log_temperature = self.param(
+            "log_temperature",
+            layers.logical_init(nn.initializers.constant(math.log(self.temperature_init)), ()),
+            (),
+            jnp.float32,
+        )
+        if self.use_captioning:
+            self.multimodal_decoder = MultimodalDecoder(
+                vocab_size=self.vocab_size,
+                depth=self.multimodal_depth,
+                num_heads=self.text_heads,
+                mlp_dim=self.text_mlp_dim,
+                decode=self.decode,
+                **common,
+                **stack,
+            )
+        if self.use_tgmim:
+            grid = (self.image_size // self.patch_size,) * 2
+            self.tgmim_decoder = TGMIMDecoder(
+                grid=grid,
+                patch_dim=self.patch_size * self.patch_size * 3,
+                width=self.decoder_width,
+                depth=self.decoder_depth,
+                num_heads=self.decoder_heads,
+                mlp_dim=self.decoder_mlp_dim,
+                text_guided=self.text_guided,
+                posemb=self.posemb,
+                **common,
+                **stack,
+            )
+
+    # ----------------------------------------------------------------------------- pieces
+    def temperature(self) -> Array:
+        """exp(log_temperature), clipped at ``temperature_max`` (CLIP's 100)."""
+        return jnp.exp(jnp.minimum(self.log_temperature, math.log(self.temperature_max)))
+
+    def _contrastive_vector(self, patch_states: Array) -> Array:
+        if self.pooler == "cascade":
+            return self.contrastive_pooler(self.caption_pooler(patch_states))[:, 0]
+        if self.pooler == "parallel":
+            return self.contrastive_pooler(patch_states)[:, 0]
+        return self.caption_pooler(patch_states)[:, 0]
+
+    def _image_tokens(self, patch_states: Array) -> Array:
+        """The tokens the multimodal decoder cross-attends to."""
+        pooled = self.caption_pooler(patch_states)
+        return pooled[:, 1:] if self.pooler == "single" else pooled
+
+    def patch_embeddings(self, patch_states: Array) -> Array:
+        """Each patch placed in the contrastive space: the image head applied to that patch alone
+        (its value path through the pooler(s), then the image projection). (B, N, embed_dim)."""
+        if self.pooler == "cascade":
+            x = self.contrastive_pooler.single_token(self.caption_pooler.single_token(patch_states))
+        elif self.pooler == "parallel":
+            x = self.contrastive_pooler.single_token(patch_states)
+        else:
+            x = self.caption_pooler.single_token(patch_states)
+        return self.image_projection(x)
+
+    def _branch_states(self, images: Array, patch_states: Array, indices: Array) -> Array:
+        if self.branch_encoding == "reencode":
+            return self.image_encoder(images, indices)
+        return gather_tokens(patch_states, indices)
+
+    # ----------------------------------------------------------------------------- entry points
+    def encode_image(self, images: Array) -> dict[str, Array]:
+        """images (B, H, W, 3) -> embedding (B, E) unit norm, patch_states (B, N, D_img) and,
+        with a captioning head, image_tokens (B, M, D_txt) for the multimodal decoder."""
+        patch_states = self.image_encoder(images)
+        out = {
+            "embedding": l2_normalize(
+                self.image_projection(self._contrastive_vector(patch_states))
+            ),
+            "patch_states": patch_states,
+        }
+        if self.use_captioning:
+            out["image_tokens"] = self._image_tokens(patch_states)
+        return out
+
+    def encode_text(self, tokens: Array) -> dict[str, Array]:
+        """tokens (B, max_text_len + 1) -> embedding (B, E) unit norm and token_states (B, L, D)."""
+        text_input, _ = caption_input_and_target(tokens)
+        token_states, cls_state = self.text_encoder(text_input)
+        return {
+            "embedding": l2_normalize(self.text_projection(cls_state)),
+            "token_states": token_states,
+        }
+
+    def caption_logits(self, image_tokens: Array, tokens: Array) -> tuple[Array, Array]:
+        """Teacher-forced logits (B, L, V) and their targets (B, L)."""
+        text_input, targets = caption_input_and_target(tokens)
+        token_states, _ = self.text_encoder(text_input)
+        return self.multimodal_decoder(token_states, image_tokens), targets
+
+    def decode_step(self, image_tokens: Array | None, tokens: Array) -> Array:
+        """With ``decode=True``: logits (B, t, V) for a chunk of new tokens (B, t), using and
+        extending the KV cache. Pass image_tokens on the first step, None afterwards."""
+        if not self.decode:
+            raise ValueError("decode_step needs a model cloned with decode=True")
+        token_states, _ = self.text_encoder(tokens)
+        return self.multimodal_decoder(token_states, image_tokens)
+
+    def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
+        """Training forward. images (B, H, W, 3) normalised, tokens (B, max_text_len + 1).
+
+        Needs an rng named ``masking`` when a branch uses random masking.
+        """
+        text_input, targets = caption_input_and_target(tokens)
+        text_valid = text_input != self.pad_id
+        token_states, cls_state = self.text_encoder(text_input)
+        patch_states = self.image_encoder(images)
+
+        out: dict[str, Array] = {
+            "image_embedding": l2_normalize(
+                self.image_projection(self._contrastive_vector(patch_states))
+            ),
+            "text_embedding": l2_normalize(self.text_projection(cls_state)),
+            "temperature": self.temperature(),
+        }
+
+        relevance = None
+        if (self.use_captioning and self.ic_masking == "attentive") or (
+            self.use_tgmim and self.tgmim_masking == "attentive"
+        ):
+            relevance = masking.relevance_scores(
+                self.patch_embeddings(patch_states),
+                self.text_projection(token_states),
+                text_valid,
+                self.score_mode,
+                self.temperature(),
+            )
+            out["relevance"] = relevance
+        score_shape = jnp.zeros(patch_states.shape[:2], jnp.float32)
+
+        if self.use_captioning:
+            scores = masking.masking_scores(
+                self.ic_masking,
+                score_shape if relevance is None else relevance,
+                self.make_rng("masking") if self.ic_masking == "random" else None,
+            )
+            ic_states = patch_states
+            if scores is not None:
+                num_keep = masking.static_count(
+                    self.num_patches, self.ic_keep_ratio, "ic_keep_ratio"
+                )
+                ic_indices = masking.keep_most_relevant(scores, num_keep)
+                ic_states = self._branch_states(images, patch_states, ic_indices)
+                out["ic_indices"] = ic_indices
+            logits = self.multimodal_decoder(token_states, self._image_tokens(ic_states))
+            out["caption_logits"] = logits
+            out["caption_targets"] = targets
+            out["caption_weights"] = (targets != self.pad_id).astype(jnp.float32)
+
+        if self.use_tgmim:
+            scores = masking.masking_scores(
+                self.tgmim_masking,
+                score_shape if relevance is None else relevance,
+                self.make_rng("masking") if self.tgmim_masking == "random" else None,
+            )
+            num_masked = masking.static_count(
+                self.num_patches, self.tgmim_mask_ratio, "tgmim_mask_ratio"
+            )
+            visible, masked = masking.mask_most_relevant(scores, num_masked)
+            visible_states = self._branch_states(images, patch_states, visible)
+            out["mim_prediction"] = self.tgmim_decoder(
+                visible_states, visible, token_states, text_valid
+            ).astype(jnp.float32)
+            out["mim_target"] = normalized_patch_targets(
+                images, self.patch_size, self.norm_pix_loss
+            )
+            out["mim_mask"] = masking.indices_to_mask(masked, self.num_patches)
+        return out
+
+
+def init_decode_cache(model: SyCoCa, batch_size: int) -> Any:
+    """A zero KV cache for ``batch_size`` captions of up to ``max_text_len`` tokens."""
+    decoder = model.clone(decode=True)
+    tokens = jnp.zeros((batch_size, model.max_text_len), jnp.int32)
+    image_tokens = jnp.zeros(
+        (batch_size, model.num_image_tokens, model.text_width), jnp.dtype(model.dtype)
+    )
+
+    def create():
+        return decoder.init(jax.random.key(0), image_tokens, tokens, method=SyCoCa.decode_step)
+
+    shapes = jax.eval_shape(create)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def from_config(model_config: Any) -> SyCoCa:
+    """``SyCoCa(**config.model)`` with an error that names unknown fields."""
+    fields = set(SyCoCa.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(model_config.keys()) - fields)
+    if unknown:
+        raise ValueError(f"unknown model config fields {unknown}; SyCoCa has {sorted(fields)}")
+    return SyCoCa(**{k: model_config[k] for k in model_config.keys()})
+
+
+# Top-level parameter collections -> the parts reported by tools (summary, inspect_checkpoint).
+PARAM_PARTS = {
+    "image_encoder": "image_encoder",
+    "text_encoder": "text_decoder",
+    "multimodal_decoder": "multimodal_decoder",
+    "caption_pooler": "poolers",
+    "contrastive_pooler": "poolers",
+    "image_projection": "heads",
+    "text_projection": "heads",
+    "log_temperature": "heads",
+    "tgmim_decoder": "tgmim_decoder",
+}
+
+
+def param_counts(params: Any) -> dict[str, int]:
+    """Parameter counts per part and ``total``, from real arrays or ``ShapeDtypeStruct``s."""
+    import numpy as np
+
+    counts = {part: 0 for part in dict.fromkeys(PARAM_PARTS.values())}
+    for name, subtree in params.items():
+        part = PARAM_PARTS.get(name, name)
+        leaves = jax.tree.leaves(subtree)
+        counts[part] = counts.get(part, 0) + sum(int(np.prod(x.shape)) for x in leaves)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def abstract_params(model: SyCoCa, batch_size: int = 1) -> Any:
+    """Parameter shapes (unboxed ``ShapeDtypeStruct``s) without allocating anything."""
+    images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((batch_size, model.max_text_len + 1), jnp.int32)
+    rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
+    variables = jax.eval_shape(lambda i, t: model.init(rngs, i, t), images, tokens)
+    return nn.unbox(variables["params"])

@@ -1,0 +1,160 @@
+"""Text towers: the unimodal causal decoder (with CLS at the end) and the multimodal decoder.
+
+Token layout (right padded, ``pad_id`` everywhere after the caption):
+``tokens = [bos, w_1, ..., w_n, eos, pad, ...]``. ``caption_input_and_target`` is the single
+place where the captioning shift happens; everything else takes its output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sycoca_jax.models import layers
+
+Array = jax.Array
+
+
+def caption_input_and_target(tokens: Array) -> tuple[Array, Array]:
+    """The one captioning shift: input ``tokens[:, :-1]`` predicts target ``tokens[:, 1:]``.
+
+    Data pipelines emit ``max_text_len + 1`` tokens so both halves have ``max_text_len``.
+    """
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def unimodal_attention_mask(valid: Array) -> Array:
+    """Mask for [tokens..., CLS]: tokens attend causally; CLS (last) attends to every valid token
+    and itself; no query attends to a pad key. valid: (B, T) -> (B, 1, T+1, T+1)."""
+    b, t = valid.shape
+    keys_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)  # CLS key is valid
+    mask = layers.causal_mask(t + 1)[None] & keys_valid[:, None, :]
+    return mask[:, None]
+
+
+class TokenEmbedding(nn.Module):
+    vocab_size: int
+    width: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        table = self.param(
+            "embedding",
+            layers.logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (self.vocab_size, self.width),
+            jnp.float32,
+        )
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+
+
+class TextEncoder(nn.Module):
+    """Unimodal causal decoder with a learned CLS token appended after the (padded) tokens.
+
+    Returns (token_states (B, T, D), cls_state (B, D)), both after the final LayerNorm. The CLS
+    uses the last position-embedding slot whatever T is, so a shorter input embeds the same.
+    With ``decode=True`` it takes a chunk of new tokens, keeps its position in the ``cache``
+    collection and returns only token states (no CLS: generation needs none).
+    """
+
+    vocab_size: int
+    max_len: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    pad_id: int = 0
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat: str = "none"
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> tuple[Array, Array | None]:
+        b, t = tokens.shape
+        if t > self.max_len:
+            raise ValueError(f"text of length {t} exceeds max_text_len={self.max_len}")
+        x = TokenEmbedding(self.vocab_size, self.width, self.dtype, name="token_embedding")(tokens)
+        pos = self.param(
+            "pos_embedding",
+            layers.logical_init(nn.initializers.normal(0.01), ("text_len", "embed")),
+            (self.max_len + 1, self.width),
+            jnp.float32,
+        ).astype(self.dtype)
+        stack = layers.BlockStack(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+            scan=self.scan,
+            remat=self.remat,
+            name="decoder",
+        )
+        ln_final = layers.layer_norm(self.dtype, "ln_final")
+        cls = self.param(
+            "cls", layers.logical_init(nn.initializers.normal(0.02), ("embed",)), (self.width,)
+        )
+        if self.decode:
+            created = self.has_variable("cache", "position")
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            start = position.value
+            x = x + jax.lax.dynamic_slice_in_dim(pos, start, t, axis=0)[None]
+            if created:  # not on the pass that only creates the cache
+                position.value = start + t
+            return ln_final(stack(x)), None
+        x = x + pos[:t][None]
+        cls_token = (cls.astype(self.dtype) + pos[self.max_len])[None, None]
+        cls_token = jnp.broadcast_to(cls_token, (b, 1, self.width))
+        x = jnp.concatenate([x, cls_token], axis=1)
+        mask = unimodal_attention_mask(tokens != self.pad_id)
+        x = ln_final(stack(x, mask))
+        return x[:, :-1], x[:, -1]
+
+
+class MultimodalDecoder(nn.Module):
+    """Causal self-attention over the unimodal token states + cross-attention to image tokens,
+    then vocabulary logits."""
+
+    vocab_size: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat: str = "none"
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, token_states: Array, image_tokens: Array | None) -> Array:
+        """``image_tokens`` may be None when decoding after the first step (cached context)."""
+        t = token_states.shape[1]
+        if image_tokens is not None:
+            image_tokens = image_tokens.astype(self.dtype)
+        mask = None if self.decode else layers.causal_mask(t)[None, None]
+        x = layers.BlockStack(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            cross_attention=True,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+            scan=self.scan,
+            remat=self.remat,
+            name="decoder",
+        )(token_states, mask, image_tokens)
+        x = layers.layer_norm(self.dtype, "ln_final")(x)
+        logits = nn.Dense(
+            self.vocab_size,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=layers.logical_init(nn.initializers.xavier_uniform(), ("embed", "vocab")),
+            bias_init=layers.logical_init(nn.initializers.zeros, ("vocab",)),
+            name="logits",
+        )(x)
+        return layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))

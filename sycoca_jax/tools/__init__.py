@@ -1,0 +1,1 @@
+"""Command-line tools: model summary, benchmarks, checkpoint inspection."""

@@ -1,0 +1,48 @@
+"""Config arguments: parsing, unknown keys, and every size/objective building a valid model."""
+
+from __future__ import annotations
+
+import pytest
+
+from sycoca_jax.config_args import load_config, parse_arg
+from tests.models.conftest import ROOT, config_for
+
+
+def test_parse_arg_types_and_positional():
+    args = parse_arg(
+        "B/16,steps=10,lr=0.5,debug", positional="size", size="tiny", steps=1, lr=1.0, debug=False
+    )
+    assert (args.size, args.steps, args.lr, args.debug) == ("B/16", 10, 0.5, True)
+    assert parse_arg(None, size="tiny").size == "tiny"
+
+
+def test_parse_arg_rejects_unknown_and_malformed():
+    with pytest.raises(ValueError, match="unknown config argument 'sise'"):
+        parse_arg("sise=B/16", size="tiny")
+    with pytest.raises(ValueError, match="no '='"):
+        parse_arg("B/16", size="tiny")
+    with pytest.raises(ValueError, match="expected a boolean"):
+        parse_arg("debug=maybe", debug=False)
+
+
+@pytest.mark.parametrize("size", ["tiny", "S/16", "B/16", "B/32", "L/14"])
+@pytest.mark.parametrize("objective", ["sycoca", "coca", "clip"])
+def test_every_size_and_objective(size, objective):
+    config = config_for(f"size={size},objective={objective}")
+    assert config.model.use_tgmim == (objective == "sycoca")
+    assert config.model.use_captioning == (objective != "clip")
+    assert (config.loss.tgmim_weight > 0) == config.model.use_tgmim
+    assert (config.loss.caption_weight > 0) == config.model.use_captioning
+    assert config.model.image_size % config.model.patch_size == 0
+
+
+def test_unknown_size_is_named():
+    with pytest.raises(ValueError, match="unknown size 'XL/8'"):
+        config_for("size=XL/8")
+
+
+def test_locked_config_rejects_new_keys():
+    config = load_config(f"{ROOT / 'configs' / 'sycoca.py'}:tiny")
+    config.lock()
+    with pytest.raises(AttributeError, match="widht"):
+        config.model.widht = 3
