@@ -10,3 +10,60 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# Imported only now: jax must see XLA_FLAGS first.
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from sycoca_jax.data import shapes_builder  # noqa: E402
+from sycoca_jax.models import sycoca  # noqa: E402
+from tests.helpers import SMALL, config_for, random_tokens  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _absl_flags_parsed():
+    """grain worker processes read absl flags; nothing parses them under pytest."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A data dir holding the small shapes build (never the user's ~/tensorflow_datasets)."""
+    path = tmp_path_factory.mktemp("tfds")
+    shapes_builder.prepare(SMALL, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    return config_for("tiny").model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_config):
+    return sycoca.from_config(tiny_model_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tiny_model):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, tiny_model.image_size, tiny_model.image_size, 3)).astype(
+        np.float32
+    )
+    tokens = random_tokens(rng, 3, tiny_model.max_text_len, tiny_model.vocab_size)
+    return jnp.asarray(images), jnp.asarray(tokens)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_model, tiny_inputs):
+    images, tokens = tiny_inputs
+    variables = jax.jit(tiny_model.init)(
+        {"params": jax.random.key(0), "masking": jax.random.key(1)}, images, tokens
+    )
+    return nn.unbox(variables["params"])

@@ -1,0 +1,339 @@
+"""Input pipelines: TFDS data source -> grain -> host-local numpy batches -> global jax.Arrays.
+
+Training (``train_dataset`` / ``make_train_iterator``)::
+
+  source -> seeded global shuffle -> this process's slice -> repeat -> decode + random-resized
+  crop + normalise -> one caption per image per epoch -> tokenise -> drop bad records (counted)
+  -> batch (drop_remainder) -> thread or process prefetch
+
+Every process shuffles with the same seed, so the slices ``index::count`` of one epoch are
+disjoint and cover the split. Batches are ``{"image": (b, H, W, 3) f32, "tokens": (b, L+1) i32}``
+with ``b = global_batch_size // process_count``; the iterator's ``stats`` hold the skip counts.
+
+Evaluation (``eval_dataset`` / ``make_eval_dataset``): no shuffle, no repeat, resize + centre crop,
+every record kept. Each process gets the same number of batches; the last ones are padded and
+``mask`` (b,) marks real examples (bad records are masked too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from grain import experimental as grain_experimental
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sycoca_jax.data import sources, transforms
+from sycoca_jax.data.skipping import DropSkippedIterDataset, SkipCountingIterator
+from sycoca_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+PREFETCH_KINDS = ("thread", "process")
+EVAL_TASKS = ("retrieval", "captioning", "classification", "validation")
+BATCH_AXES = ("data", "fsdp")
+
+
+def process_slice(
+    process_index: int | None = None, process_count: int | None = None
+) -> tuple[int, int]:
+    """``(index, count)`` of this process; ``jax.process_index()/process_count()`` by default."""
+    count = jax.process_count() if process_count is None else int(process_count)
+    index = jax.process_index() if process_index is None else int(process_index)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"bad process slice: index {index} of {count} processes")
+    return index, count
+
+
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+    """The host batch size; the global batch must split evenly over the processes."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"the global batch size {global_batch_size} does not divide evenly over "
+            f"{process_count} processes; set config.batch_size to a multiple of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def shard_records(
+    source: Sequence[Any], *, seed: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """The global shuffle (same permutation on every process) and this process's slice of it.
+
+    Each epoch's permutation loses its last ``len(source) % process_count`` records (other
+    records every epoch), so all processes have equally long epochs.
+    """
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed)
+    usable = len(dataset) - len(dataset) % process_count
+    if usable == 0:
+        raise ValueError(f"{len(dataset)} records cannot be shared by {process_count} processes")
+    if usable < len(dataset):
+        dataset = dataset[:usable]
+    return dataset[process_index::process_count]
+
+
+def _derive_seed(seed: int, *parts: int) -> int:
+    """Distinct per-process seeds for augmentation, so hosts do not crop in lockstep."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+def _to_batches(
+    dataset: grain.MapDataset,
+    batch_size: int,
+    *,
+    num_workers: int,
+    prefetch: str,
+    buffer_size: int,
+) -> grain.IterDataset:
+    """Reads (in ``num_workers`` threads or processes), drops bad records, batches."""
+    if prefetch not in PREFETCH_KINDS:
+        raise ValueError(f"prefetch must be one of {PREFETCH_KINDS}, got {prefetch!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    threads = num_workers if prefetch == "thread" else 0
+    read_options = grain.ReadOptions(num_threads=threads,
+                                     prefetch_buffer_size=2 * batch_size if threads else 0)
+    batches = DropSkippedIterDataset(dataset.to_iter_dataset(read_options))
+    batches = batches.batch(batch_size, drop_remainder=True)
+    if num_workers == 0:
+        return batches
+    if prefetch == "process":
+        # grain reads absl flags when it starts workers; outside an absl app (notebooks, tests)
+        # nothing has parsed them, which grain reports as an error.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=num_workers,
+                                               per_worker_buffer_size=buffer_size)
+        return batches.mp_prefetch(options)
+    return grain_experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=buffer_size)
+
+
+def train_dataset(
+    source: Sequence[Any],
+    *,
+    spec: sources.DatasetSpec,
+    tokenizer: Tokenizer,
+    image_size: int,
+    max_text_len: int,
+    global_batch_size: int,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    min_image_size: int = 1,
+    num_epochs: int | None = None,
+    num_workers: int = 0,
+    prefetch: str = "thread",
+    buffer_size: int = 2,
+) -> grain.IterDataset:
+    """The training pipeline (see the module docstring); ``num_epochs=None`` repeats forever.
+
+    Output order depends on ``num_workers`` with ``prefetch="process"`` (each worker batches its
+    own slice), never on timing.
+    """
+    index, count = process_slice(process_index, process_count)
+    batch_size = per_process_batch_size(global_batch_size, count)
+    dataset = shard_records(source, seed=seed, process_index=index, process_count=count)
+    dataset = dataset.repeat(num_epochs)
+    augment_seed = _derive_seed(seed, index)
+    dataset = dataset.random_map(
+        transforms.TrainImage(spec, image_size, crop_scale, min_image_size), seed=augment_seed)
+    dataset = dataset.random_map(transforms.SampleCaption(spec), seed=augment_seed ^ 0x5EED)
+    dataset = dataset.map(transforms.TokenizeCaption(tokenizer, max_text_len))
+    dataset = dataset.map(transforms.SelectKeys(("image", "tokens")))
+    return _to_batches(dataset, batch_size, num_workers=num_workers, prefetch=prefetch,
+                       buffer_size=buffer_size)
+
+
+def eval_dataset(
+    source: Sequence[Any],
+    *,
+    task: str,
+    spec: sources.DatasetSpec,
+    image_size: int,
+    global_batch_size: int,
+    tokenizer: Tokenizer | None = None,
+    max_text_len: int | None = None,
+    num_captions: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    min_image_size: int = 1,
+) -> grain.MapDataset:
+    """Batches for evaluation; ``len()`` is the number of batches (equal on every process).
+
+    task ``retrieval``: ``image``, ``tokens`` (b, C, L+1) with every caption, ``caption_mask``
+    (b, C); ``captioning``: ``image``, ``captions`` (b, C) object array of reference texts (pop
+    it before ``make_global_batch``), ``caption_mask``; ``classification``: ``image``,
+    ``label`` (b,) i32; ``validation``: ``image``, ``tokens`` (b, L+1) from the first caption.
+    All of them have ``mask`` (b,) bool, False for padding and bad records.
+    """
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    index, count = process_slice(process_index, process_count)
+    batch_size = per_process_batch_size(global_batch_size, count)
+    steps: list[grain.transforms.Map] = [transforms.EvalImage(spec, image_size, min_image_size)]
+    placeholder: dict[str, np.ndarray] = {"image": np.zeros((image_size, image_size, 3),
+                                                            np.float32)}
+    if task in ("retrieval", "validation"):
+        if tokenizer is None or max_text_len is None:
+            raise ValueError(f"task {task!r} needs a tokenizer and max_text_len")
+    if task == "retrieval":
+        num_captions = num_captions or spec.num_captions
+        steps.append(transforms.TokenizeAllCaptions(spec, tokenizer, max_text_len, num_captions))
+        placeholder["tokens"] = np.zeros((num_captions, max_text_len + 1), np.int32)
+        placeholder["caption_mask"] = np.zeros((num_captions,), bool)
+    elif task == "captioning":
+        num_captions = num_captions or spec.num_captions
+        steps.append(transforms.CaptionTexts(spec, num_captions))
+        placeholder["captions"] = np.full((num_captions,), "", dtype=object)
+        placeholder["caption_mask"] = np.zeros((num_captions,), bool)
+    elif task == "validation":
+        steps += [transforms.FirstCaption(spec),
+                  transforms.TokenizeCaption(tokenizer, max_text_len)]
+        placeholder["tokens"] = np.zeros((max_text_len + 1,), np.int32)
+    else:
+        steps.append(transforms.Label(spec))
+        placeholder["label"] = np.int32(0)
+    steps.append(transforms.SelectKeys(tuple(placeholder)))
+
+    dataset = grain.MapDataset.source(source)[index::count]
+    for step in steps:
+        dataset = dataset.map(step)
+    dataset = dataset.map(transforms.MaskSkipped(placeholder))
+    num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
+    padding = num_batches * batch_size - len(dataset)
+    if padding:
+        pad = {**placeholder, "mask": np.bool_(False)}
+        dataset = grain.MapDataset.concatenate([dataset, grain.MapDataset.source([pad] * padding)])
+    return dataset.batch(batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a config (configs/sycoca.py: config.data, config.model, config.batch_size).
+
+
+def _tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but "
+            f"config.model.vocab_size is {config.model.vocab_size}; raise the model's vocab_size "
+            "or use a smaller tokenizer"
+        )
+    return tokenizer
+
+
+def num_train_examples(config: ml_collections.ConfigDict) -> int:
+    """Records in ``config.data.train_split`` (bad ones included): turns epochs into steps."""
+    data = config.data
+    return len(sources.open_source(data.name, data.train_split, data.data_dir,
+                                   image_decoder=data.image_decoder))
+
+
+def make_train_iterator(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: Sequence[Any] | None = None,
+) -> SkipCountingIterator:
+    """The training iterator of ``config``: ``next()`` gives a host batch, ``.stats`` the skip
+    counts (``.stats.metrics()`` for logging), ``get_state()/set_state()`` checkpoint it.
+
+    ``source`` replaces ``open_source(config.data.name, config.data.train_split, ...)``.
+    """
+    data = config.data
+    if source is None:
+        source = sources.open_source(data.name, data.train_split, data.data_dir,
+                                     image_decoder=data.image_decoder)
+    dataset = train_dataset(
+        source,
+        spec=sources.dataset_spec(data.name),
+        tokenizer=_tokenizer_for(config),
+        image_size=config.model.image_size,
+        max_text_len=config.model.max_text_len,
+        global_batch_size=config.batch_size,
+        seed=data.shuffle_seed,
+        process_index=process_index,
+        process_count=process_count,
+        crop_scale=tuple(data.crop_scale),
+        min_image_size=data.min_image_size,
+        num_workers=data.num_workers,
+        prefetch=data.prefetch,
+        buffer_size=data.prefetch_buffer_size,
+    )
+    return SkipCountingIterator(iter(dataset), max_skipped_fraction=data.max_skipped_fraction,
+                                dataset_name=f"{data.name}[{data.train_split}]")
+
+
+def make_eval_dataset(
+    config: ml_collections.ConfigDict,
+    task: str,
+    *,
+    name: str | None = None,
+    split: str | None = None,
+    batch_size: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: Sequence[Any] | None = None,
+) -> grain.MapDataset:
+    """Evaluation batches of ``name`` (default ``config.data.name``) ``split`` (default
+    ``config.data.eval_split``), preprocessed as ``config`` says; see ``eval_dataset``."""
+    data = config.data
+    name = name or data.name
+    split = split or data.eval_split
+    if source is None:
+        if not split:
+            raise ValueError(f"no evaluation split given and config.data.eval_split is unset "
+                             f"for {name!r}")
+        source = sources.open_source(name, split, data.data_dir, image_decoder=data.image_decoder)
+    needs_text = task in ("retrieval", "validation")
+    return eval_dataset(
+        source,
+        task=task,
+        spec=sources.dataset_spec(name),
+        image_size=config.model.image_size,
+        global_batch_size=batch_size or config.batch_size,
+        tokenizer=_tokenizer_for(config) if needs_text else None,
+        max_text_len=config.model.max_text_len if needs_text else None,
+        process_index=process_index,
+        process_count=process_count,
+        min_image_size=data.min_image_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Host batches -> global arrays.
+
+
+def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+    """Leading (batch) dimension split over ``batch_axes``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
+
+
+def make_global_batch(
+    host_batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES
+) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global ``jax.Array``s sharded on the batch axis over
+    ``batch_axes`` (``jax.make_array_from_process_local_data``)."""
+    sharding = batch_sharding(mesh, batch_axes)
+    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    out = {}
+    for key, value in host_batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            raise ValueError(f"batch entry {key!r} is a scalar; only per-example arrays can be "
+                             "sharded on the batch axis")
+        global_size = value.shape[0] * jax.process_count()
+        if global_size % shards:
+            raise ValueError(
+                f"global batch {global_size} (entry {key!r}) does not divide over the "
+                f"{shards} devices of mesh axes {tuple(batch_axes)}; choose config.batch_size "
+                f"as a multiple of {shards}"
+            )
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
