@@ -25,45 +25,113 @@ from sycoca_jax.config_args import parse_arg
 # Large: width 1024, 16 heads). S is our scaled-down point: ViT-S with a 6 + 6 layer text side.
 SIZES = {
     "tiny": dict(
-        image_size=64, patch_size=8, image_width=64, image_depth=2, image_heads=2,
-        image_mlp_dim=256, text_width=64, text_depth=2, multimodal_depth=2, text_heads=2,
-        text_mlp_dim=256, embed_dim=64, caption_queries=16, pooler_heads=2, decoder_width=64,
-        decoder_depth=1, decoder_heads=2, decoder_mlp_dim=256, vocab_size=512, max_text_len=24,
-        dtype="float32", scan=False,
+        image_size=64,
+        patch_size=8,
+        image_width=64,
+        image_depth=2,
+        image_heads=2,
+        image_mlp_dim=256,
+        text_width=64,
+        text_depth=2,
+        multimodal_depth=2,
+        text_heads=2,
+        text_mlp_dim=256,
+        embed_dim=64,
+        caption_queries=16,
+        pooler_heads=2,
+        decoder_width=64,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_mlp_dim=256,
+        vocab_size=512,
+        max_text_len=24,
+        dtype="float32",
+        scan=False,
     ),
     "S/16": dict(
-        image_size=224, patch_size=16, image_width=384, image_depth=12, image_heads=6,
-        image_mlp_dim=1536, text_width=384, text_depth=6, multimodal_depth=6, text_heads=6,
-        text_mlp_dim=1536, embed_dim=384, caption_queries=256, pooler_heads=6,
+        image_size=224,
+        patch_size=16,
+        image_width=384,
+        image_depth=12,
+        image_heads=6,
+        image_mlp_dim=1536,
+        text_width=384,
+        text_depth=6,
+        multimodal_depth=6,
+        text_heads=6,
+        text_mlp_dim=1536,
+        embed_dim=384,
+        caption_queries=256,
+        pooler_heads=6,
     ),
     "B/16": dict(
-        image_size=224, patch_size=16, image_width=768, image_depth=12, image_heads=12,
-        image_mlp_dim=3072, text_width=768, text_depth=12, multimodal_depth=12, text_heads=12,
-        text_mlp_dim=3072, embed_dim=512, caption_queries=256, pooler_heads=8,
+        image_size=224,
+        patch_size=16,
+        image_width=768,
+        image_depth=12,
+        image_heads=12,
+        image_mlp_dim=3072,
+        text_width=768,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=12,
+        text_mlp_dim=3072,
+        embed_dim=512,
+        caption_queries=256,
+        pooler_heads=8,
     ),
     "B/32": dict(
-        image_size=224, patch_size=32, image_width=768, image_depth=12, image_heads=12,
-        image_mlp_dim=3072, text_width=768, text_depth=12, multimodal_depth=12, text_heads=12,
-        text_mlp_dim=3072, embed_dim=512, caption_queries=256, pooler_heads=8,
+        image_size=224,
+        patch_size=32,
+        image_width=768,
+        image_depth=12,
+        image_heads=12,
+        image_mlp_dim=3072,
+        text_width=768,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=12,
+        text_mlp_dim=3072,
+        embed_dim=512,
+        caption_queries=256,
+        pooler_heads=8,
     ),
     "L/14": dict(
-        image_size=224, patch_size=14, image_width=1024, image_depth=24, image_heads=16,
-        image_mlp_dim=4096, text_width=1024, text_depth=12, multimodal_depth=12, text_heads=16,
-        text_mlp_dim=4096, embed_dim=768, caption_queries=256, pooler_heads=16,
+        image_size=224,
+        patch_size=14,
+        image_width=1024,
+        image_depth=24,
+        image_heads=16,
+        image_mlp_dim=4096,
+        text_width=1024,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=16,
+        text_mlp_dim=4096,
+        embed_dim=768,
+        caption_queries=256,
+        pooler_heads=16,
     ),
 }
 
 # Defaults shared by every non-tiny size (tiny overrides some of them).
 LARGE_DEFAULTS = dict(
-    vocab_size=64_000, max_text_len=76, decoder_width=512, decoder_depth=4, decoder_heads=16,
-    decoder_mlp_dim=2048, dtype="bfloat16", scan=True,
+    vocab_size=64_000,
+    max_text_len=76,
+    decoder_width=512,
+    decoder_depth=4,
+    decoder_heads=16,
+    decoder_mlp_dim=2048,
+    dtype="bfloat16",
+    scan=True,
 )
 
 OBJECTIVES = {
     # objective: model switches and loss weights (DESIGN §2: L = ITC + 2 IC + TG-MIM).
     "sycoca": dict(
-        model=dict(use_captioning=True, use_tgmim=True, ic_masking="attentive",
-                   tgmim_masking="attentive"),
+        model=dict(
+            use_captioning=True, use_tgmim=True, ic_masking="attentive", tgmim_masking="attentive"
+        ),
         loss=dict(itc_weight=1.0, caption_weight=2.0, tgmim_weight=1.0),
     ),
     "coca": dict(
@@ -127,17 +195,94 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         max_skipped_fraction=0.01,  # stop if more records than this are bad at load time
         image_decoder="pil",  # "pil": we decode (bad images skipped); "tfds": TFDS decodes
     )
+    # Downstream evaluation sets (task, TFDS name, split), read from the same data_dir: each is
+    # `sycoca_jax.data.pipeline.make_eval_dataset(config, task, name=..., split=...)`.
+    benchmarks = dict(
+        coco_retrieval=dict(task="retrieval", name="coco_captions", split="test"),  # Karpathy
+        coco_captioning=dict(task="captioning", name="coco_captions", split="test"),
+        imagenet=dict(task="classification", name="imagenet2012", split="validation"),
+        cifar10=dict(task="classification", name="cifar10", split="test"),
+        cifar100=dict(task="classification", name="cifar100", split="test"),
+    )
     if name == "shapes":
-        fields = dict(common, name="sycoca_shapes", eval_split="validation", min_image_size=16,
-                      max_skipped_fraction=0.0)
+        # Everything offline: the embedded test split (with its compositional scenes).
+        shapes_evals = dict(
+            shapes_retrieval=dict(task="retrieval", name="sycoca_shapes", split="test"),
+            shapes_captioning=dict(task="captioning", name="sycoca_shapes", split="test"),
+            shapes_zeroshot=dict(task="classification", name="sycoca_shapes", split="test"),
+        )
+        # 64 px PNGs decode fast: one background thread keeps up (~2k examples/s on 2 cores),
+        # more threads only contend for the GIL.
+        fields = dict(
+            common,
+            name="sycoca_shapes",
+            eval_split="validation",
+            min_image_size=16,
+            max_skipped_fraction=0.0,
+            num_workers=1,
+            eval_datasets=shapes_evals,
+        )
     elif name in ("cc3m", "cc12m"):
         # Built with `python -m sycoca_jax.data.prepare local --name=cc3m ...`; cc12m has no
         # official validation split (give one with --source=validation=... to set eval_split).
-        fields = dict(common, name=name, num_workers=16, prefetch="process",
-                      eval_split="validation" if name == "cc3m" else placeholder(str))
+        fields = dict(
+            common,
+            name=name,
+            num_workers=16,
+            prefetch="process",
+            eval_split="validation" if name == "cc3m" else placeholder(str),
+            eval_datasets=benchmarks,
+        )
     else:
         raise ValueError(f"unknown data {name!r}; known: shapes, cc3m, cc12m")
     return ml_collections.ConfigDict(fields)
+
+
+def train_fields(size: str, data: str) -> dict:
+    """Duration, optimiser, mesh, logging and checkpointing (``sycoca_jax.train`` reads them).
+
+    Durations take one unit each: ``total_steps`` / ``total_epochs`` / ``total_examples`` (and
+    ``optim.warmup_*`` likewise).
+    """
+    placeholder = ml_collections.config_dict.placeholder
+    tiny = size == "tiny"
+    optim = dict(
+        # open_clip's CoCa defaults; lr scaled for the batch. Weight decay skips biases, norms,
+        # position embeddings, learned tokens and the temperature (sycoca_jax.optim).
+        lr=2e-3 if tiny else 5e-4,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-6,
+        weight_decay=0.05 if tiny else 0.2,
+        grad_clip=1.0,
+        schedule="cosine",  # cosine | linear | constant, after a linear warmup from 0
+        end_lr_fraction=0.0,
+        warmup_steps=100 if tiny else 2000,
+        warmup_epochs=placeholder(float),
+        warmup_examples=placeholder(int),
+    )
+    epochs = {"shapes": 20.0, "cc3m": 30.0, "cc12m": 20.0}[data]  # paper: 20 epochs of CC12M
+    return dict(
+        seed=0,
+        total_steps=1500 if tiny else placeholder(int),
+        total_epochs=placeholder(float) if tiny else epochs,
+        total_examples=placeholder(int),
+        microbatches=1,  # >1: accumulate gradients (ITC then sees only each microbatch)
+        optim=ml_collections.ConfigDict(optim),
+        # Mesh axes (data, fsdp, tensor), one size may be -1; rules: data_parallel | fsdp |
+        # fsdp_tensor (sycoca_jax.sharding).
+        mesh=ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules="fsdp")),
+        log_every_steps=50 if tiny else 100,
+        eval_every_steps=500 if tiny else 5000,  # validation losses; 0 = never
+        eval_batches=8 if tiny else 50,
+        checkpoint_every_steps=500 if tiny else 2000,
+        keep_checkpoints=3,
+        resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Transfer init: copy these parameter subtrees from a checkpoint before training.
+        init=ml_collections.ConfigDict(
+            dict(checkpoint=placeholder(str), subtrees=("image_encoder",))
+        ),
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -151,4 +296,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.data = data_config(args.data)
     config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes
+    config.update(train_fields(args.size, args.data))
     return config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sycoca_jax.config_args import load_config, parse_arg
-from tests.models.conftest import ROOT, config_for
+from tests.helpers import ROOT, config_for
 
 
 def test_parse_arg_types_and_positional():

@@ -6,7 +6,7 @@ import pytest
 
 from sycoca_jax import flops
 from sycoca_jax.tools import summary
-from tests.models.conftest import config_for
+from tests.helpers import config_for
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,35 @@ def dot_product_attention(
     return jnp.einsum("bhts,bshd->bthd", probs, value)
 
 
+class HeadProjection(nn.Module):
+    """``x (..., D_in) -> (..., heads, head_dim)`` or, with ``to_heads=False``,
+    ``(..., heads, head_dim) -> (..., D_out)``. (Written out rather than ``nn.DenseGeneral``,
+    whose kernel reshape applies a 3-name logical constraint to a 2-D array under a mesh.)"""
+
+    features: tuple[int, ...]
+    to_heads: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.to_heads:  # (D, H, K): fan-in D, fan-out H·K
+            shape = (x.shape[-1], *self.features)
+            names, bias_names = ("embed", "heads", "kv"), ("heads", "kv")
+            init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+            equation = "...d,dhk->...hk"
+        else:  # (H, K, D): fan-in H·K, fan-out D
+            shape = (*x.shape[-2:], *self.features)
+            names, bias_names = ("heads", "kv", "embed"), ("embed",)
+            init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+            equation = "...hk,hkd->...d"
+        kernel = self.param("kernel", logical_init(init, names), shape, jnp.float32)
+        bias = self.param(
+            "bias", logical_init(nn.initializers.zeros, bias_names), self.features, jnp.float32
+        )
+        y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention; self-attention when ``inputs_kv`` is None.
 
@@ -116,17 +145,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"width {out_features} is not divisible by {self.num_heads} heads")
         head_dim = self.head_dim or out_features // self.num_heads
 
-        def proj(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=logical_init(
-                    nn.initializers.xavier_uniform(), ("embed", "heads", "kv")
-                ),
-                bias_init=logical_init(nn.initializers.zeros, ("heads", "kv")),
-                name=name,
-            )
+        def proj(name: str) -> HeadProjection:
+            return HeadProjection((self.num_heads, head_dim), dtype=self.dtype, name=name)
 
         if not self.cross:
             inputs_kv = inputs_q
@@ -143,15 +163,7 @@ class MultiHeadAttention(nn.Module):
             if self.decode and not self.cross:
                 key, value, mask = self._update_cache(key, value)
             out = dot_product_attention(query, key, value, mask, self.attention_impl)
-        return nn.DenseGeneral(
-            out_features,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=logical_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-            bias_init=logical_init(nn.initializers.zeros, ("embed",)),
-            name="out",
-        )(out)
+        return HeadProjection((out_features,), to_heads=False, dtype=self.dtype, name="out")(out)
 
     def _cached_context(self, proj: Callable, context: Array | None) -> tuple[Array, Array]:
         if context is None:

@@ -18,10 +18,6 @@ from ml_collections import config_flags
 from sycoca_jax import flops
 from sycoca_jax.models import sycoca
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_XLA_CHECK = flags.DEFINE_bool("xla_check", False, "Also report XLA's cost analysis (CPU).")
-
 
 def summarize(model_config: Any) -> dict[str, Any]:
     """Parameter counts per part (``params``) and forward FLOPs per example, total and by part."""
@@ -70,11 +66,11 @@ def _format(summary: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     summary = summarize(config.model)
-    if _XLA_CHECK.value:
+    if flags.FLAGS.xla_check:
         summary["xla_flops_per_example"] = xla_forward_flops(config.model)
-    if _JSON.value:
+    if flags.FLAGS.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "flops_by_part"}))
     else:
         print(_format(summary))
@@ -86,5 +82,13 @@ def main(argv: list[str]) -> None:
             )
 
 
+def define_flags() -> None:
+    """Flags are defined here, not at import, so importing this module has no side effects."""
+    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    flags.DEFINE_bool("xla_check", False, "Also report XLA's cost analysis (CPU).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax.models import sycoca
-from tests.models.conftest import config_for
+from tests.helpers import config_for
 
 
 def _stack_blocks(tree):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax.models import sycoca
-from tests.models.conftest import config_for
+from tests.helpers import config_for
 
 
 def _entry_point_shapes(model: sycoca.SyCoCa, batch: int = 2) -> dict[str, dict]:

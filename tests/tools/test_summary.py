@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.models.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_summary_json_for_b16():

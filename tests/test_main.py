@@ -1,0 +1,272 @@
+"""End-to-end training on the small embedded dataset: learning, metrics, checkpoints, exact
+resume after SIGTERM and after kill -9, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sycoca_jax import checkpoint as ckpt
+from sycoca_jax import train
+from sycoca_jax.metrics import read_metrics
+from sycoca_jax.tools import inspect_checkpoint
+from tests.helpers import ROOT, SMALL_NAME, tiny_config
+
+LOSSES = ("loss/itc", "loss/ic", "loss/tgmim")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    """60 steps of the tiny config (default sizes), validation and checkpoints every 30."""
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    config = tiny_config(data_dir)
+    config.total_steps = 60
+    config.optim.warmup_steps = 10
+    config.log_every_steps = 10
+    config.eval_every_steps = 30
+    config.eval_batches = 1
+    config.checkpoint_every_steps = 30
+    config.batch_size = 16
+    last = train.train_and_evaluate(config, workdir)
+    return config, workdir, last
+
+
+def test_tiny_run_learns_and_logs_every_key(tiny_run):
+    _, workdir, last = tiny_run
+    records = [r for r in read_metrics(workdir) if "loss" in r]
+    first, final = records[0], records[-1]
+    assert [r["step"] for r in records] == [1, 10, 20, 30, 40, 50, 60]
+    for key in LOSSES:
+        assert final[key] < 0.8 * first[key], (key, first[key], final[key])
+    required = {
+        "step",
+        "loss",
+        *LOSSES,
+        "lr",
+        "grad_norm",
+        "temperature",
+        "examples_per_sec",
+        "examples_per_sec_per_device",
+        "tflops_per_sec_per_device",
+        "mfu",
+        "skipped_records",
+    }
+    assert required <= set(final)
+    assert final["mfu"] is None  # no peak FLOP/s for CPUs
+    assert final["skipped_records"] == 0 and final["tflops_per_sec_per_device"] > 0
+    assert last["step"] if "step" in last else True
+    validation = [r for r in read_metrics(workdir) if "val/loss" in r]
+    assert [r["step"] for r in validation] == [30, 60]
+    assert any("compile/compile_seconds" in r for r in read_metrics(workdir))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_checkpoints_and_inspection(tiny_run):
+    _, workdir, _ = tiny_run
+    checkpointer = ckpt.Checkpointer(workdir, async_save=False)
+    assert list(checkpointer.all_steps()) == [30, 60]
+    checkpointer.close()
+    info = inspect_checkpoint.inspect(workdir)
+    earlier = inspect_checkpoint.inspect(workdir, step=30)
+    assert info["step"] == 60 and info["params"]["total"] == 548_737
+    assert info["digest"] != earlier["digest"]
+    assert inspect_checkpoint.inspect(workdir)["digest"] == info["digest"]
+    image_tower = ckpt.load_params(workdir, "image_encoder")
+    assert set(image_tower) == {"encoder", "ln_final", "patch_embedding", "posemb"}
+    with pytest.raises(KeyError, match="no 'image_encodr'"):
+        ckpt.load_params(workdir, "image_encodr")
+
+
+def test_finished_run_resumes_without_new_steps(tiny_run):
+    config, workdir, _ = tiny_run
+    before = len(read_metrics(workdir))
+    train.train_and_evaluate(config, workdir)
+    assert len([r for r in read_metrics(workdir)[before:] if "loss" in r]) == 0
+
+
+def test_incompatible_checkpoint_names_the_parameters(tiny_run):
+    config, workdir, _ = tiny_run
+    other = config.copy_and_resolve_references()
+    other.model.vocab_size = 1024
+    other.total_steps = 61
+    expected = (
+        r"text_encoder/token_embedding/embedding: checkpoint \(512, 64\) vs model \(1024, 64\)"
+    )
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=expected):
+        train.train_and_evaluate(other, workdir)
+
+
+def test_transfer_init_copies_the_image_tower(tiny_run, data_dir, tmp_path):
+    _, source_workdir, _ = tiny_run
+    config = tiny_config(data_dir, arg="tiny,objective=clip")
+    config.init.checkpoint = source_workdir
+    config.init.subtrees = ("image_encoder",)
+    config.total_steps = 1
+    setup = train.make_setup(config, train.sharding.make_mesh((-1, 1, 1)), None)
+    checkpointer = ckpt.Checkpointer(str(tmp_path))
+    state, origin = train.restore_or_init(setup, checkpointer, None, str(tmp_path))
+    checkpointer.close()
+    assert "image_encoder" in origin
+    loaded = ckpt.load_params(source_workdir, "image_encoder")
+    for a, b in zip(
+        jax.tree.leaves(loaded), jax.tree.leaves(state["params"]["image_encoder"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    """The step's IC loss turns NaN from step 5 on: the loop names step 5 and the term, and the
+    checkpoint of step 4 is the last one."""
+    real_compile = train.compile_train_step
+
+    def compile_with_a_nan_from_step_5(setup):
+        compiled, report = real_compile(setup)
+
+        def step(state, batch):
+            state, metrics = compiled(state, batch)
+            if int(state["step"]) >= 5:
+                metrics = {**metrics, "loss": jnp.nan, "loss/ic": jnp.nan}
+            return state, metrics
+
+        return step, report
+
+    monkeypatch.setattr(train, "compile_train_step", compile_with_a_nan_from_step_5)
+    config = tiny_config(data_dir)
+    config.model.image_depth = config.model.text_depth = config.model.multimodal_depth = 1
+    config.batch_size = 16
+    config.total_steps = 40
+    config.checkpoint_every_steps = 2
+    with pytest.raises(train.NonFiniteLossError, match=r"loss/ic is nan at step 5"):
+        train.train_and_evaluate(config, str(tmp_path))
+    checkpointer = ckpt.Checkpointer(str(tmp_path), async_save=False)
+    assert list(checkpointer.all_steps()) == [2, 4]
+    checkpointer.close()
+    params = ckpt.load_params(str(tmp_path))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+# ------------------------------------------------------------------ exact resume (subprocesses)
+def _command(workdir: str, data_dir: str, total: int = 60) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sycoca_jax.main",
+        f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.name={SMALL_NAME}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.num_workers=0",
+        "--config.batch_size=16",
+        f"--config.total_steps={total}",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=10",
+        "--config.optim.warmup_steps=5",
+        "--config.model.image_depth=1",
+        "--config.model.text_depth=1",
+        "--config.model.multimodal_depth=1",
+    ]
+
+
+def _env(cache_dir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return env
+
+
+def _last_logged_step(workdir: str) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(workdir) if "loss" in r), default=0)
+    except json.JSONDecodeError:  # a line being written
+        return 0
+
+
+def _interrupt(workdir, data_dir, env, sig, after_step: int) -> None:
+    process = subprocess.Popen(
+        _command(workdir, data_dir),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 240
+    while _last_logged_step(workdir) < after_step:
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.02)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=240)
+    if sig == signal.SIGTERM:
+        assert process.returncode == 0, stderr.decode()[-3000:]
+
+
+def _finish(workdir, data_dir, env) -> None:
+    result = subprocess.run(
+        _command(workdir, data_dir), env=env, cwd=ROOT, capture_output=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+
+def _fingerprints(workdir: str) -> dict[int, int]:
+    """Data-order fingerprint per step (the resumed run's value where a step was logged twice)."""
+    return {r["step"]: r["data/batch_fingerprint"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_exact_resume_after_sigterm_and_kill9(data_dir, tmp_path):
+    env = _env(str(tmp_path / "jax_cache"))
+    straight = str(tmp_path / "straight")
+    _finish(straight, data_dir, env)
+    reference = inspect_checkpoint.inspect(straight)
+    assert reference["step"] == 60
+
+    stopped = str(tmp_path / "sigterm")
+    _interrupt(stopped, data_dir, env, signal.SIGTERM, after_step=15)
+    checkpointer = ckpt.Checkpointer(stopped, async_save=False)
+    saved = checkpointer.latest_step()
+    checkpointer.close()
+    assert 15 <= saved < 60 and saved % 10, f"SIGTERM should save at its own step, got {saved}"
+
+    killed = str(tmp_path / "kill9")
+    _interrupt(killed, data_dir, env, signal.SIGKILL, after_step=25)
+
+    for workdir in (stopped, killed):
+        _finish(workdir, data_dir, env)
+        resumed = inspect_checkpoint.inspect(workdir)
+        assert resumed["step"] == 60
+        assert resumed["digest"] == reference["digest"], workdir
+        assert _fingerprints(workdir) == _fingerprints(straight), workdir
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sycoca_jax.main",
+            f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny",
+            f"--workdir={tmp_path}",
+            "--config.optim.learning_rate=0.1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(str(tmp_path / "cache")),
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "learning_rate" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
