@@ -4,31 +4,29 @@ r"""Train SyCoCa (or CoCa / CLIP) from a config.
   python -m sycoca_jax.main --config=configs/sycoca.py:size=B/16 --config.batch_size=4096 ...
 
 Runs resume from ``--workdir`` automatically; SIGTERM saves a checkpoint and exits.
+
+Several hosts (one process each, or one per GPU) run this same command; on Cloud TPU VMs, in
+multi-task SLURM steps, under OpenMPI and in Kubernetes indexed Jobs they find each other by
+themselves. Elsewhere (e.g. several processes on one machine) give the coordinator::
+
+  python -m sycoca_jax.main ... --coordinator_address=localhost:12345 --num_processes=2 \
+      --process_id=0   # and =1 in the second process
+
+(``launch/local_multiprocess.sh`` does exactly that; ``launch/`` has TPU and SLURM launchers).
 """
 
 from __future__ import annotations
 
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from sycoca_jax import train
-
-
-class _QuietLibraries(std_logging.Filter):
-    """INFO lines from this package only; libraries (orbax logs every file it writes) speak up
-    at WARNING and above."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "sycoca_jax" in record.pathname
+from sycoca_jax import binaries, train
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    binaries.start()
     train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -37,6 +35,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
     flags.mark_flags_as_required(["config", "workdir"])
+    binaries.define_flags()
 
 
 def run() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from absl import logging
 from etils import epath
 
 
@@ -23,26 +25,72 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class MetricWriter:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard; safe to resume (appends)."""
+def is_object_store(path: Any) -> bool:
+    """``gs://``, ``s3://`` and the like: objects are written whole; there is no appending."""
+    return "://" in os.fspath(path)
 
-    def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+
+def _summary_writer(logdir: str) -> Any:
+    """tensorboardX's writer, or None (with a warning) where it cannot reach ``logdir``:
+    tensorboardX writes gs:// through google-cloud-storage and s3:// through boto3."""
+    needs = {"gs": "google.cloud.storage", "s3": "boto3"}.get(logdir.split("://")[0])
+    if needs is not None:
+        try:
+            found = importlib.util.find_spec(needs) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            logging.warning(
+                "TensorBoard events need %s for %s; writing metrics.jsonl only "
+                "(pip install -e '.[gcs]')",
+                needs,
+                logdir,
+            )
+            return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir)
+
+
+class MetricWriter:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard; safe to resume (appends).
+
+    On object stores (GCS, S3) a file cannot be appended to (gcsfs silently overwrites it), so
+    there the writer keeps the file's lines and rewrites the object whole on every write.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool | None = None,
+        tensorboard: bool = True,
+        appendable: bool | None = None,
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._path = epath.Path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._lines: list[str] | None = None  # the whole file, where it is rewritten each time
+        if appendable is None:
+            appendable = not is_object_store(workdir)
         if self.enabled:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            if not appendable:
+                existing = self._path.read_text() if self._path.exists() else ""
+                self._lines = [line for line in existing.splitlines() if line.strip()]
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+                self._tb = _summary_writer(os.fspath(epath.Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with self._path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        if self._lines is None:
+            with self._path.open("a") as f:
+                f.write(line + "\n")
+        else:
+            self._lines.append(line)
+            self._path.write_text("\n".join(self._lines) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if (

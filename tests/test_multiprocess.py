@@ -1,0 +1,271 @@
+"""The multi-host path on one machine: ``tiny`` (one block per tower) as 2 processes × 4 CPU
+devices (``launch/local_multiprocess.sh``: jax.distributed on localhost, gloo collectives, each
+process reading its own slice of the data) against 1 process × 8 devices.
+
+The data is a one-caption-per-image copy of the small shapes build, read with
+``crop_scale=(1, 1)``: augmentation is then the identity, so both layouts train on exactly the
+same examples (the pipeline seeds crops and caption choices per process, which would otherwise
+make the two layouts see different augmentations of the same records). What may differ is only
+the order of floating-point sums in cross-device reductions (in-process vs. gloo), hence the
+comparison within a tolerance: losses and final parameters within ``RTOL`` (relative; observed
+differences are ~1e-6).
+
+The two-process run is stopped by a SIGTERM sent to process 1 alone; both processes must agree on
+one step, each saves its part of the checkpoint (its own data-iterator state included) and exits
+0; a second launch resumes both and finishes. The resumed run must match the straight 1×8 run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sycoca_jax import checkpoint as ckpt
+from sycoca_jax.data import pipeline, prepare, sources
+from sycoca_jax.data.tokenizer import bundled_model_path
+from sycoca_jax.metrics import read_metrics
+from tests.helpers import ROOT, SMALL_NAME, config_for
+
+PAIRS = "mp_pairs"
+TOTAL_STEPS = 12
+SIGTERM_AFTER_STEP = 2
+RTOL = 1e-4
+# Parameters that start at zero and get near-zero gradients: Adam normalises their updates, so
+# rounding differences in those gradients become update differences of up to ~lr; observed ~3e-6.
+PARAM_ATOL = 2e-5
+LOSSES = ("loss", "loss/itc", "loss/ic", "loss/tgmim")
+
+
+@pytest.fixture(scope="module")
+def pairs_data_dir(data_dir, tmp_path_factory) -> str:
+    """The small shapes build's training split as image–caption pairs (first caption only)."""
+    root = tmp_path_factory.mktemp("pairs")
+    source = sources.open_source(SMALL_NAME, "train", data_dir)
+    spec = sources.dataset_spec(SMALL_NAME)
+    (root / "images").mkdir()
+    rows = []
+    for i in range(len(source)):
+        record = source[i]
+        image = root / "images" / f"{i:04d}.png"
+        image.write_bytes(record[spec.image_key])
+        rows.append(json.dumps({"image": str(image), "caption": spec.captions(record)[0]}))
+    (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    out = str(root / "tfds")
+    options = prepare.ConversionOptions(min_image_size=16)
+    summary = prepare.convert_local({"train": str(root / "pairs.jsonl")}, name=PAIRS,
+                                    data_dir=out, options=options)  # fmt: skip
+    assert summary["written"] == len(source)
+    return out
+
+
+def _overrides(data_dir: str) -> dict[str, str]:
+    values = {
+        "data.name": PAIRS,
+        "data.data_dir": data_dir,
+        "data.tokenizer": bundled_model_path(),
+        "data.crop_scale": "(1.0,1.0)",
+        "data.num_workers": "0",
+        "batch_size": "16",
+        "total_steps": str(TOTAL_STEPS),
+        "log_every_steps": "1",
+        "eval_every_steps": "0",
+        "checkpoint_every_steps": "1000",
+        "optim.warmup_steps": "5",
+        "model.image_depth": "1",
+        "model.text_depth": "1",
+        "model.multimodal_depth": "1",
+    }
+    for name in config_for("tiny").get("evals", {}):  # downstream evals are not the point here
+        values[f"evals.{name}.every_steps"] = "0"
+    return values
+
+
+def _train_flags(data_dir: str, workdir: str) -> list[str]:
+    return [
+        f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in _overrides(data_dir).items()),
+    ]
+
+
+def _env(cache_dir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHON=sys.executable,
+    )
+    return env
+
+
+def _launch(count: int, data_dir: str, workdir: str, env: dict, log_dir: str):
+    return subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "launch" / "local_multiprocess.sh"),
+            str(count),
+            "--devices_per_process=4",
+            f"--log_dir={log_dir}",
+            *_train_flags(data_dir, workdir),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a failed test can stop all of it
+    )
+
+
+def _logged_step(workdir: str) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(workdir) if "loss" in r), default=0)
+    except json.JSONDecodeError:  # a line being written
+        return 0
+
+
+def _losses(workdir: str) -> dict[str, np.ndarray]:
+    records = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
+    assert sorted(records) == list(range(1, TOTAL_STEPS + 1)), sorted(records)
+    return {k: np.array([records[s][k] for s in sorted(records)]) for k in LOSSES}
+
+
+@pytest.fixture(scope="module")
+def runs(pairs_data_dir, tmp_path_factory):
+    """(straight 1×8 workdir, 2×4 workdir, step the SIGTERM stopped at, seconds per phase).
+
+    The 1×8 run goes alongside the first 2×4 launch (they compile at the same time, which keeps
+    the test short on 2 cores)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    env = _env(str(root / "jax_cache"))
+    started = time.perf_counter()
+    straight, multi, logs = (str(root / n) for n in ("straight_1x8", "multi_2x4", "logs"))
+    straight_log = open(root / "straight_1x8.log", "w")  # closed in the finally below
+    alone = subprocess.Popen(
+        [sys.executable, "-m", "sycoca_jax.main", *_train_flags(pairs_data_dir, straight)],
+        cwd=ROOT,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        stdout=straight_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    launcher = _launch(2, pairs_data_dir, multi, env, logs)
+    started_here = [alone, launcher]
+    output = ""
+    try:
+        deadline = time.time() + 240
+        while _logged_step(multi) < SIGTERM_AFTER_STEP:
+            assert launcher.poll() is None, launcher.communicate()[0][-3000:] + _tails(logs)
+            assert time.time() < deadline, "the two-process run made no progress"
+            time.sleep(0.05)
+        # The launcher reported each process's pid as it started them (its first lines).
+        while len(pids := re.findall(r"process (\d) pid (\d+)", output)) < 2:
+            output += launcher.stdout.readline()
+        os.kill(int(dict(pids)["1"]), signal.SIGTERM)  # process 1 only
+        output += launcher.communicate(timeout=240)[0]
+        assert launcher.returncode == 0, output[-3000:] + _tails(logs)
+        checkpointer = ckpt.Checkpointer(multi, async_save=False)
+        stopped_at = checkpointer.latest_step()
+        checkpointer.close()
+        assert alone.wait(timeout=300) == 0, (root / "straight_1x8.log").read_text()[-3000:]
+        seconds = {"1x8 alongside 2x4 until SIGTERM": time.perf_counter() - started}
+
+        resumed = _launch(2, pairs_data_dir, multi, env, logs)
+        started_here.append(resumed)
+        output = resumed.communicate(timeout=300)[0]
+        assert resumed.returncode == 0, output[-3000:] + _tails(logs)
+        seconds["2x4 resumed"] = time.perf_counter() - started - sum(seconds.values())
+    finally:
+        straight_log.close()
+        for process in started_here:  # on failure: what this fixture started, by process group
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        for _, pid in re.findall(r"process (\d) pid (\d+)", output):  # the launcher's processes
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), signal.SIGKILL)
+    return straight, multi, stopped_at, seconds
+
+
+def _tails(log_dir: str) -> str:
+    tails = []
+    for name in sorted(os.listdir(log_dir)):
+        with open(os.path.join(log_dir, name)) as f:
+            tails.append(f"---- {name}\n" + "".join(f.readlines()[-30:]))
+    return "\n".join(tails)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint(runs):
+    _, multi, stopped_at, _ = runs
+    assert stopped_at is not None and SIGTERM_AFTER_STEP <= stopped_at < TOTAL_STEPS
+    data = os.path.join(multi, "checkpoints", str(stopped_at), "data")
+    assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+
+
+def test_two_processes_match_one_and_resume_exactly(runs):
+    straight, multi, stopped_at, seconds = runs
+    one, two = _losses(straight), _losses(multi)
+    for key in LOSSES:
+        np.testing.assert_allclose(two[key], one[key], rtol=RTOL, err_msg=key)
+    assert one["loss"][-1] < 0.9 * one["loss"][0]  # it trained
+    final_one, final_two = ckpt.load_params(straight), ckpt.load_params(multi)
+    pairs = list(zip(jax.tree.leaves(final_one), jax.tree.leaves(final_two), strict=True))
+    for a, b in pairs:
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=PARAM_ATOL)
+    loss_diff = max(float(np.max(np.abs(two[k] - one[k]) / np.abs(one[k]))) for k in LOSSES)
+    param_diff = max(float(np.max(np.abs(b - a))) for a, b in pairs)
+    print(
+        f"\n2x4 vs 1x8 over {TOTAL_STEPS} steps: largest relative loss difference "
+        f"{loss_diff:.1e}, largest parameter difference {param_diff:.1e}; SIGTERM stop at step "
+        f"{stopped_at}; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+    )
+
+
+def test_process_slices_are_disjoint_and_their_states_restore(pairs_data_dir, runs):
+    """What each process reads: disjoint halves of the one-process batches, and the iterator
+    state that process 1 saved at the SIGTERM step is the one it had reached."""
+    _, multi, stopped_at, _ = runs
+    config = config_for("tiny")
+    config.data.name = PAIRS
+    config.data.data_dir = pairs_data_dir
+    config.data.tokenizer = bundled_model_path()
+    config.data.crop_scale = (1.0, 1.0)
+    config.data.num_workers = 0
+    config.batch_size = 16
+
+    def images(iterator, steps):
+        return [
+            {np.asarray(image).tobytes() for image in next(iterator)["image"]} for _ in range(steps)
+        ]
+
+    one = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    parts = [pipeline.make_train_iterator(config, process_index=i, process_count=2) for i in (0, 1)]
+    whole = images(one, 3)
+    halves = [images(p, 3) for p in parts]
+    for step in range(3):
+        assert halves[0][step].isdisjoint(halves[1][step])
+        assert halves[0][step] | halves[1][step] == whole[step]
+
+    # Process 1's saved iterator state at the SIGTERM step is its state after that many batches.
+    fresh = pipeline.make_train_iterator(config, process_index=1, process_count=2)
+    for _ in range(stopped_at):
+        next(fresh)
+    saved = os.path.join(multi, "checkpoints", str(stopped_at), "data", "process_1-of-2.json")
+    with open(saved) as f:
+        assert json.loads(f.read()) == json.loads(json.dumps(fresh.get_state()))
+    for iterator in (one, *parts, fresh):
+        iterator.close()
