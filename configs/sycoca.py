@@ -195,22 +195,7 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         max_skipped_fraction=0.01,  # stop if more records than this are bad at load time
         image_decoder="pil",  # "pil": we decode (bad images skipped); "tfds": TFDS decodes
     )
-    # Downstream evaluation sets (task, TFDS name, split), read from the same data_dir: each is
-    # `sycoca_jax.data.pipeline.make_eval_dataset(config, task, name=..., split=...)`.
-    benchmarks = dict(
-        coco_retrieval=dict(task="retrieval", name="coco_captions", split="test"),  # Karpathy
-        coco_captioning=dict(task="captioning", name="coco_captions", split="test"),
-        imagenet=dict(task="classification", name="imagenet2012", split="validation"),
-        cifar10=dict(task="classification", name="cifar10", split="test"),
-        cifar100=dict(task="classification", name="cifar100", split="test"),
-    )
     if name == "shapes":
-        # Everything offline: the embedded test split (with its compositional scenes).
-        shapes_evals = dict(
-            shapes_retrieval=dict(task="retrieval", name="sycoca_shapes", split="test"),
-            shapes_captioning=dict(task="captioning", name="sycoca_shapes", split="test"),
-            shapes_zeroshot=dict(task="classification", name="sycoca_shapes", split="test"),
-        )
         # 64 px PNGs decode fast: one background thread keeps up (~2k examples/s on 2 cores),
         # more threads only contend for the GIL.
         fields = dict(
@@ -220,7 +205,6 @@ def data_config(name: str) -> ml_collections.ConfigDict:
             min_image_size=16,
             max_skipped_fraction=0.0,
             num_workers=1,
-            eval_datasets=shapes_evals,
         )
     elif name in ("cc3m", "cc12m"):
         # Built with `python -m sycoca_jax.data.prepare local --name=cc3m ...`; cc12m has no
@@ -231,11 +215,65 @@ def data_config(name: str) -> ml_collections.ConfigDict:
             num_workers=16,
             prefetch="process",
             eval_split="validation" if name == "cc3m" else placeholder(str),
-            eval_datasets=benchmarks,
         )
     else:
         raise ValueError(f"unknown data {name!r}; known: shapes, cc3m, cc12m")
     return ml_collections.ConfigDict(fields)
+
+
+def eval_entry(kind: str, split: str, dataset: str | None = None, **fields) -> dict:
+    """One ``config.evals`` entry (``sycoca_jax.evaluation.registry``); ``dataset`` unset = the
+    training data's dataset. ``every_steps`` > 0 also runs it during training (and at the end)."""
+    defaults = dict(
+        zeroshot=dict(templates="clip_imagenet"),
+        retrieval=dict(),
+        captioning=dict(
+            decode="beam",  # greedy | beam | sample
+            num_beams=3,
+            length_penalty=0.6,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            seed=0,
+            max_len=ml_collections.config_dict.placeholder(int),  # unset: model.max_text_len
+            print_examples=5,
+        ),
+    )[kind]
+    entry = dict(
+        kind=kind,
+        dataset=ml_collections.config_dict.placeholder(str) if dataset is None else dataset,
+        split=split,
+        batch_size=256,
+        every_steps=0,
+        num_examples=-1,  # -1: the whole split
+        **defaults,
+    )
+    entry.update(fields)
+    return entry
+
+
+def evals_config(size: str, data: str) -> ml_collections.ConfigDict:
+    """Downstream evaluations (``python -m sycoca_jax.evaluate``, and during training for the
+    entries with ``every_steps``). Real datasets are read from ``config.data.data_dir``."""
+    if data == "shapes":
+        # Offline: the embedded test split (it holds compositional, unseen colour/kind pairs).
+        every = 500 if size == "tiny" else 0
+        evals = dict(
+            shapes_zeroshot=eval_entry("zeroshot", "test", templates="shapes", every_steps=every),
+            shapes_retrieval=eval_entry("retrieval", "test", every_steps=every),
+            shapes_captioning=eval_entry(
+                "captioning", "test", decode="greedy", every_steps=every, num_examples=512
+            ),
+        )
+    else:
+        evals = dict(
+            coco_retrieval=eval_entry("retrieval", "test", "coco_captions"),  # Karpathy 5k
+            coco_captioning=eval_entry("captioning", "test", "coco_captions"),
+            imagenet_zeroshot=eval_entry("zeroshot", "validation", "imagenet2012"),
+            cifar10_zeroshot=eval_entry("zeroshot", "test", "cifar10"),
+            cifar100_zeroshot=eval_entry("zeroshot", "test", "cifar100"),
+        )
+    return ml_collections.ConfigDict(evals)
 
 
 def train_fields(size: str, data: str) -> dict:
@@ -297,4 +335,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = data_config(args.data)
     config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes
     config.update(train_fields(args.size, args.data))
+    config.evals = evals_config(args.size, args.data)
     return config

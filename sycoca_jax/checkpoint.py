@@ -132,49 +132,68 @@ def _pick(tree: Any, path: Sequence[str], what: str) -> Any:
     return tree
 
 
-def load_params(
-    path: str, subtree: Sequence[str] | str = (), step: int | None = None, sharding: Any = None
-) -> Any:
-    """Parameters (or the subtree at ``subtree``, e.g. ``"image_encoder"``) of a checkpoint.
-
-    ``path`` is a workdir or its ``checkpoints`` folder; ``step`` defaults to the latest. Only the
-    requested arrays are read. ``sharding`` (a ``jax.sharding.Sharding``) places them; default:
-    host numpy arrays.
-    """
-    subtree = (subtree,) if isinstance(subtree, str) else tuple(subtree)
+def _reader(path: str) -> tuple[ocp.CheckpointManager, epath.Path]:
     directory = checkpoint_dir(path)
     # The state is written by StandardCheckpointHandler; its on-disk format is the PyTree one,
     # whose handler supports partial restore.
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        item_handlers={**_handlers(), "state": ocp.PyTreeCheckpointHandler()},
     )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {directory}")
-    metadata = manager.item_metadata(step)["state"]
-    wanted = _pick(metadata["params"], subtree, f"checkpoint {directory / str(step)}")
-    target: dict[str, Any] = wanted
-    for key in reversed(("params",) + subtree):
-        target = {key: target}
+    return manager, directory
 
-    def restore_arg(meta):
-        if sharding is None:
+
+def params_metadata(path: str, step: int | None = None) -> tuple[int, Any]:
+    """(step, tree of array metadata with ``.shape``/``.dtype``) of a checkpoint's parameters,
+    read without loading any array; ``step`` defaults to the latest."""
+    manager, directory = _reader(path)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        return step, manager.item_metadata(step)["state"]["params"]
+    finally:
+        manager.close()
+
+
+def load_params(
+    path: str, subtree: Sequence[str] | str = (), step: int | None = None, sharding: Any = None
+) -> Any:
+    """Parameters (or the subtree at ``subtree``, e.g. ``"image_encoder"``) of a checkpoint.
+
+    ``path`` is a workdir or its ``checkpoints`` folder; ``step`` defaults to the latest. Only the
+    requested arrays are read. ``sharding`` places them: one ``jax.sharding.Sharding`` for every
+    array, or a tree of them matching the (sub)tree; default: host numpy arrays.
+    """
+    subtree = (subtree,) if isinstance(subtree, str) else tuple(subtree)
+    step, metadata = params_metadata(path, step)
+    manager, directory = _reader(path)
+    wanted = _pick(metadata, subtree, f"checkpoint {directory / str(step)}")
+    shardings = (
+        jax.tree.map(lambda _: sharding, wanted)
+        if sharding is None or isinstance(sharding, jax.sharding.Sharding)
+        else sharding
+    )
+
+    def restore_arg(meta, where):
+        if where is None:
             return ocp.RestoreArgs(restore_type=np.ndarray)
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=meta.shape, dtype=meta.dtype)
+        return ocp.ArrayRestoreArgs(sharding=where, global_shape=meta.shape, dtype=meta.dtype)
 
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=jax.tree.map(restore_arg, target),
-                partial_restore=True,
-            )
-        ),
-    )["state"]
-    manager.close()
+    restore_args = jax.tree.map(restore_arg, wanted, shardings, is_leaf=lambda x: x is None)
+    target, args = wanted, restore_args
+    for key in reversed(("params",) + subtree):
+        target, args = {key: target}, {key: args}
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)
+            ),
+        )["state"]
+    finally:
+        manager.close()
     return _pick(restored["params"], subtree, "restored state")
 
 

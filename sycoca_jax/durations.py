@@ -33,3 +33,12 @@ def to_steps(
     if num_examples is None:
         raise ValueError(f"{name}_epochs needs the dataset size, which is unknown here")
     return int(math.ceil(value * num_examples / batch_size))
+
+
+def run_length(config: Any, num_examples: int | None) -> tuple[int, int]:
+    """(total steps, warmup steps) of a training config (``total_*`` and ``optim.warmup_*``)."""
+    total = to_steps(config, "total", config.batch_size, num_examples)
+    warmup = to_steps(config.optim, "warmup", config.batch_size, num_examples, 0)
+    if total <= 0:
+        raise ValueError(f"the run has {total} steps; set a positive total_steps/epochs/examples")
+    return total, warmup

@@ -22,12 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import durations, flops, hardware, losses, optim, sharding
+from sycoca_jax.evaluation import registry
+from sycoca_jax.evaluation.common import EvalContext
 from sycoca_jax.metrics import MetricWriter
 from sycoca_jax.models import sycoca
 
@@ -93,12 +97,18 @@ def make_setup(
     config: ml_collections.ConfigDict, mesh: Mesh, num_train_examples: int | None
 ) -> TrainSetup:
     losses.check_loss_config(config.loss, config.model)
+    if not config.loss.itc_weight:
+        logging.warning(
+            "loss.itc_weight is 0: the contrastive head drifts. Its projections get no gradient "
+            "but weight decay still shrinks them, the layers beneath "
+            "(towers, the cascade's caption pooler) keep changing, and so do the attentive-"
+            "masking scores built on it; zero-shot classification and retrieval degrade "
+            "(open_clip's caption-only fine-tune fell from 63%% to 0.8%% ImageNet zero-shot). "
+            "Keep a small itc_weight (e.g. 0.1) or report both heads."
+        )
     sharding.check_batch_size(config.batch_size, mesh, config.microbatches)
     model = sycoca.from_config(config.model)
-    total = durations.to_steps(config, "total", config.batch_size, num_train_examples)
-    warmup = durations.to_steps(config.optim, "warmup", config.batch_size, num_train_examples, 0)
-    if total <= 0:
-        raise ValueError(f"the run has {total} steps; set a positive total_steps/epochs/examples")
+    total, warmup = durations.run_length(config, num_train_examples)
     tx, schedule = optim.make_optimizer(config.optim, total, warmup)
     rules = sharding.logical_rules(config.mesh.rules)
     boxed = jax.eval_shape(_init_fn(model, tx, config), jax.random.key(0))
@@ -231,15 +241,36 @@ def make_eval_step(setup: TrainSetup) -> Callable[[Any, Batch], dict]:
 
 # ---------------------------------------------------------------------------------------- loop
 class StopSignal:
-    """Turns SIGTERM (preemption, scancel, kill) into a request to checkpoint and exit."""
+    """Turns SIGTERM (preemption, scancel, kill) into a checkpoint-and-exit at a step on which
+    every process agrees.
+
+    One process: a Python SIGTERM handler sets a flag that ``should_stop`` reads (no collective).
+    Several processes: a SIGTERM may reach only some of them, and a process that stopped alone
+    would leave the others waiting in the next collective. ``jax.distributed.initialize`` starts
+    JAX's preemption sync manager, which catches SIGTERM itself, tells every process through the
+    coordination service and picks the first step all of them can still reach;
+    ``should_stop(step)`` asks it (a local check, no device work) and turns True on that same
+    step everywhere. It must therefore be called once per step, on every process, from the same
+    starting step. No Python handler is installed then (it would take SIGTERM away from JAX's).
+    Should the preemption service be disabled (``jax_enable_preemption_service=False``), the
+    flag is all-gathered every step instead, which costs a host-device sync per step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._installed = False
+        self._mode = "local"
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            if _preemption_service_running():
+                self._mode = "preemption_sync"
+                return self
+            self._use_allgather()
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread: nothing to install
             self._previous = None
         return self
@@ -248,9 +279,56 @@ class StopSignal:
         logging.warning("SIGTERM received: saving a checkpoint, then exiting")
         self.requested = True
 
+    def _use_allgather(self) -> None:
+        self._mode = "allgather"
+        logging.warning(
+            "JAX's preemption service is not running: SIGTERM is agreed on with a per-step "
+            "all-gather, which slows every step a little"
+        )
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and leave after ``step`` (the same answer on every process)."""
+        if self._mode == "preemption_sync":
+            try:
+                reached = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # no sync manager after all (every process sees the same)
+                self._use_allgather()
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+                self._installed = True
+                return False
+            if reached:
+                logging.warning("preemption notice: saving at step %d, then exiting", step)
+                self.requested = True
+            return reached
+        if self._mode == "allgather":
+            flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+            return bool(np.any(flags))
+        return self.requested
+
     def __exit__(self, *exc):
-        if self._previous is not None:
+        if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def wait_for_every_process(name: str, timeout_s: int = 3600) -> None:
+    """A barrier through JAX's coordination service (no device work; a no-op for one process).
+    ``name`` must be unique within the run."""
+    sync = ocp.multihost.get_barrier_sync_fn()
+    sync(key=name, timeout_ms=timeout_s * 1000)
+
+
+def _preemption_service_running() -> bool:
+    """Whether ``jax.distributed.initialize`` started JAX's preemption sync manager (it does
+    unless ``jax_enable_preemption_service`` is off). Read from JAX's internals where they are
+    where we expect them; otherwise assume it runs (``should_stop`` falls back if not)."""
+    try:
+        from jax._src import distributed as jax_distributed
+    except ImportError:
+        return True
+    state = getattr(jax_distributed, "global_state", None)
+    if state is None or not hasattr(state, "preemption_sync_manager"):
+        return True
+    return state.preemption_sync_manager is not None
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -310,7 +388,7 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
 
 
 def restore_or_init(
-    setup: TrainSetup, checkpointer: ckpt.Checkpointer, data_iterator: Any, workdir: str
+    setup: TrainSetup, checkpointer: ckpt.Checkpointer, data_iterator: Any
 ) -> tuple[State, str]:
     """The documented initialisation order; returns the state and where it came from."""
     config = setup.config
@@ -353,13 +431,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logged metrics."""
     from sycoca_jax.data import pipeline
 
+    for name in config.evals.keys():
+        registry.resolve(config, name)  # a bad eval entry fails now, not after hours of training
     mesh = sharding.make_mesh(config.mesh.shape)
     train_iter = pipeline.make_train_iterator(config)
     num_examples = pipeline.num_train_examples(config)
     setup = make_setup(config, mesh, num_examples)
     checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints)
     writer = MetricWriter(workdir)
-    state, origin = restore_or_init(setup, checkpointer, train_iter, workdir)
+    state, origin = restore_or_init(setup, checkpointer, train_iter)
     start_step = int(jax.device_get(state["step"]))
     logging.info("%s at step %d of %d", origin, start_step, setup.total_steps)
     if start_step >= setup.total_steps:
@@ -368,6 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             resource.close()
         return {}
     compiled, compile_report = compile_train_step(setup)
+    # Hosts finish compiling at different times (persistent-cache hits, load); the step's first
+    # collectives then set up their communicators with short timeouts (gloo on CPU: 30 s).
+    wait_for_every_process("sycoca_train_step_compiled")
     eval_step = make_eval_step(setup)
     flops_per_step = flops.train_flops_per_example(config.model) * config.batch_size
     meter = Throughput(
@@ -418,16 +501,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     host["data/batch_fingerprint"] = batch_fingerprint(host_batch)
                     check_finite(step, host)
                     log(step, host)
-                if config.eval_every_steps and step % config.eval_every_steps == 0:
-                    started = time.perf_counter()
-                    writer.write(step, validation_metrics(setup, eval_step, state["params"]))
-                    meter.exclude(time.perf_counter() - started)
                 last_step = step == setup.total_steps
-                if stop.requested or last_step or step % config.checkpoint_every_steps == 0:
+                stopping = stop.should_stop(step)  # once per step on every process
+                if stopping or last_step or step % config.checkpoint_every_steps == 0:
                     check_finite(pending[0], _host_metrics(pending[1]))  # never save a bad state
-                    save(step, force=stop.requested or last_step)
-                if stop.requested:
+                    save(step, force=stopping or last_step)
+                if stopping:
                     break
+                # Evaluations after the checkpoint: a failing evaluator loses no training.
+                started = time.perf_counter()
+                if config.eval_every_steps and step % config.eval_every_steps == 0:
+                    writer.write(step, validation_metrics(setup, eval_step, state["params"]))
+                due = registry.due(config, step, last_step)
+                if due:
+                    context = EvalContext(setup.model, state["params"], config, mesh, setup.rules)
+                    results = registry.run(context, due)
+                    writer.write(step, registry.flatten(results))
+                    registry.write_results(workdir, step, results)
+                meter.exclude(time.perf_counter() - started)
     finally:
         # Whatever ended the loop, let an in-flight checkpoint finish before exiting.
         checkpointer.wait()
@@ -446,6 +537,17 @@ def _is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int)
     return step == 1 or step % config.log_every_steps == 0 or step == total_steps
 
 
+def _full_on_every_process(mask: np.ndarray) -> bool:
+    """Whether no process's part of the batch holds padding. Every process must take the same
+    decision, or those that skip a batch leave the others waiting in its collectives: processes
+    hold unequal shares of the split (and bad records mask rows anywhere), so they ask each other
+    (one small all-gather per validation batch, only when there are several processes)."""
+    full = bool(np.all(mask))
+    if jax.process_count() == 1:
+        return full
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(full, np.int32))))
+
+
 def validation_metrics(setup: TrainSetup, eval_step: Callable, params: Any) -> dict[str, float]:
     """Mean losses over the first ``config.eval_batches`` full batches of the eval split
     (the padded last batch is left out: its placeholder rows would enter the contrastive loss)."""
@@ -458,7 +560,7 @@ def validation_metrics(setup: TrainSetup, eval_step: Callable, params: Any) -> d
     for host_batch in dataset:
         if count >= config.eval_batches:
             break
-        if not np.all(host_batch.pop("mask")):
+        if not _full_on_every_process(host_batch.pop("mask")):
             continue
         batch = pipeline.make_global_batch(host_batch, setup.mesh)
         for key, value in _host_metrics(eval_step(params, batch)).items():

@@ -67,3 +67,25 @@ def tiny_params(tiny_model, tiny_inputs):
         {"params": jax.random.key(0), "masking": jax.random.key(1)}, images, tokens
     )
     return nn.unbox(variables["params"])
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(data_dir, tmp_path_factory):
+    """60 steps of the tiny config on the small build (validation and checkpoints every 30,
+    the config's downstream evals at the end): (config, workdir, last logged metrics)."""
+    from sycoca_jax import train
+    from tests.helpers import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("tiny_pretrained"))
+    config = tiny_config(data_dir)
+    config.total_steps = 60
+    config.optim.warmup_steps = 10
+    config.log_every_steps = 10
+    config.eval_every_steps = 30
+    config.eval_batches = 1
+    config.checkpoint_every_steps = 30
+    config.batch_size = 16
+    for entry in config.evals.values():
+        entry.batch_size = 64
+    last = train.train_and_evaluate(config, workdir)
+    return config, workdir, last

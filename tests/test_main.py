@@ -25,19 +25,8 @@ LOSSES = ("loss/itc", "loss/ic", "loss/tgmim")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(data_dir, tmp_path_factory):
-    """60 steps of the tiny config (default sizes), validation and checkpoints every 30."""
-    workdir = str(tmp_path_factory.mktemp("tiny_run"))
-    config = tiny_config(data_dir)
-    config.total_steps = 60
-    config.optim.warmup_steps = 10
-    config.log_every_steps = 10
-    config.eval_every_steps = 30
-    config.eval_batches = 1
-    config.checkpoint_every_steps = 30
-    config.batch_size = 16
-    last = train.train_and_evaluate(config, workdir)
-    return config, workdir, last
+def tiny_run(tiny_pretrained):
+    return tiny_pretrained
 
 
 def test_tiny_run_learns_and_logs_every_key(tiny_run):
@@ -113,7 +102,7 @@ def test_transfer_init_copies_the_image_tower(tiny_run, data_dir, tmp_path):
     config.total_steps = 1
     setup = train.make_setup(config, train.sharding.make_mesh((-1, 1, 1)), None)
     checkpointer = ckpt.Checkpointer(str(tmp_path))
-    state, origin = train.restore_or_init(setup, checkpointer, None, str(tmp_path))
+    state, origin = train.restore_or_init(setup, checkpointer, None)
     checkpointer.close()
     assert "image_encoder" in origin
     loaded = ckpt.load_params(source_workdir, "image_encoder")

@@ -143,3 +143,11 @@ def test_non_finite_loss_names_step_and_term():
     with pytest.raises(train.NonFiniteLossError, match=r"loss/ic is nan at step 7"):
         train.check_finite(7, {"loss": float("nan"), "loss/itc": 1.0, "loss/ic": float("nan")})
     train.check_finite(1, {"loss": 1.0, "grad_norm": float("inf")})
+
+
+def test_caption_only_training_warns_that_the_contrastive_head_drifts(caplog):
+    config = small_config("tiny,objective=coca")
+    config.loss.itc_weight = 0.0
+    with caplog.at_level("WARNING"):
+        train.make_setup(config, sharding.make_mesh((8, 1, 1)), None)
+    assert any("contrastive head drifts" in r.getMessage() for r in caplog.records)

@@ -47,8 +47,9 @@ def _main(argv) -> None:
 
     del argv
     config = flags.FLAGS.config
-    result = measure(config, num_batches=flags.FLAGS.num_batches,
-                     warmup_batches=flags.FLAGS.warmup_batches)
+    result = measure(
+        config, num_batches=flags.FLAGS.num_batches, warmup_batches=flags.FLAGS.warmup_batches
+    )
     print(
         f"{config.data.name}[{config.data.train_split}] {config.model.image_size}px: "
         f"{result['examples_per_s']:.1f} examples/s "
@@ -62,8 +63,9 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/sycoca.py:tiny",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "config file, e.g. configs/sycoca.py:tiny", lock_config=True
+    )
     flags.DEFINE_integer("num_batches", 100, "batches timed")
     flags.DEFINE_integer("warmup_batches", 5, "batches read before timing starts")
     flags.mark_flags_as_required(["config"])

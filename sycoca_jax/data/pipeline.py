@@ -95,8 +95,9 @@ def _to_batches(
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     threads = num_workers if prefetch == "thread" else 0
-    read_options = grain.ReadOptions(num_threads=threads,
-                                     prefetch_buffer_size=2 * batch_size if threads else 0)
+    read_options = grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=2 * batch_size if threads else 0
+    )
     batches = DropSkippedIterDataset(dataset.to_iter_dataset(read_options))
     batches = batches.batch(batch_size, drop_remainder=True)
     if num_workers == 0:
@@ -106,19 +107,20 @@ def _to_batches(
         # nothing has parsed them, which grain reports as an error.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(num_workers=num_workers,
-                                               per_worker_buffer_size=buffer_size)
+        options = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=buffer_size
+        )
         return batches.mp_prefetch(options)
     return grain_experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=buffer_size)
 
 
-def train_dataset(
+def augmented_batches(
     source: Sequence[Any],
+    record_steps: Sequence[grain.transforms.Map | grain.transforms.RandomMap],
+    keys: Sequence[str],
     *,
     spec: sources.DatasetSpec,
-    tokenizer: Tokenizer,
     image_size: int,
-    max_text_len: int,
     global_batch_size: int,
     seed: int = 0,
     process_index: int | None = None,
@@ -130,7 +132,9 @@ def train_dataset(
     prefetch: str = "thread",
     buffer_size: int = 2,
 ) -> grain.IterDataset:
-    """The training pipeline (see the module docstring); ``num_epochs=None`` repeats forever.
+    """Training batches of augmented images plus what ``record_steps`` add (``keys``): global
+    shuffle, this process's slice, repeat (``num_epochs=None``: forever), random-resized crop,
+    the steps (random ones seeded per process), bad records dropped and counted, batch, prefetch.
 
     Output order depends on ``num_workers`` with ``prefetch="process"`` (each worker batches its
     own slice), never on timing.
@@ -141,12 +145,31 @@ def train_dataset(
     dataset = dataset.repeat(num_epochs)
     augment_seed = _derive_seed(seed, index)
     dataset = dataset.random_map(
-        transforms.TrainImage(spec, image_size, crop_scale, min_image_size), seed=augment_seed)
-    dataset = dataset.random_map(transforms.SampleCaption(spec), seed=augment_seed ^ 0x5EED)
-    dataset = dataset.map(transforms.TokenizeCaption(tokenizer, max_text_len))
-    dataset = dataset.map(transforms.SelectKeys(("image", "tokens")))
-    return _to_batches(dataset, batch_size, num_workers=num_workers, prefetch=prefetch,
-                       buffer_size=buffer_size)
+        transforms.TrainImage(spec, image_size, crop_scale, min_image_size), seed=augment_seed
+    )
+    for i, step in enumerate(record_steps, start=1):
+        if isinstance(step, grain.transforms.RandomMap):
+            dataset = dataset.random_map(step, seed=augment_seed ^ (0x5EED * i))
+        else:
+            dataset = dataset.map(step)
+    dataset = dataset.map(transforms.SelectKeys(("image", *keys)))
+    return _to_batches(
+        dataset, batch_size, num_workers=num_workers, prefetch=prefetch, buffer_size=buffer_size
+    )
+
+
+def train_dataset(
+    source: Sequence[Any],
+    *,
+    spec: sources.DatasetSpec,
+    tokenizer: Tokenizer,
+    max_text_len: int,
+    **options: Any,
+) -> grain.IterDataset:
+    """The pretraining pipeline (module docstring): one caption sampled per image per epoch,
+    tokenised; ``options`` as in ``augmented_batches``."""
+    steps = [transforms.SampleCaption(spec), transforms.TokenizeCaption(tokenizer, max_text_len)]
+    return augmented_batches(source, steps, ("tokens",), spec=spec, **options)
 
 
 def eval_dataset(
@@ -176,8 +199,9 @@ def eval_dataset(
     index, count = process_slice(process_index, process_count)
     batch_size = per_process_batch_size(global_batch_size, count)
     steps: list[grain.transforms.Map] = [transforms.EvalImage(spec, image_size, min_image_size)]
-    placeholder: dict[str, np.ndarray] = {"image": np.zeros((image_size, image_size, 3),
-                                                            np.float32)}
+    placeholder: dict[str, np.ndarray] = {
+        "image": np.zeros((image_size, image_size, 3), np.float32)
+    }
     if task in ("retrieval", "validation"):
         if tokenizer is None or max_text_len is None:
             raise ValueError(f"task {task!r} needs a tokenizer and max_text_len")
@@ -192,8 +216,10 @@ def eval_dataset(
         placeholder["captions"] = np.full((num_captions,), "", dtype=object)
         placeholder["caption_mask"] = np.zeros((num_captions,), bool)
     elif task == "validation":
-        steps += [transforms.FirstCaption(spec),
-                  transforms.TokenizeCaption(tokenizer, max_text_len)]
+        steps += [
+            transforms.FirstCaption(spec),
+            transforms.TokenizeCaption(tokenizer, max_text_len),
+        ]
         placeholder["tokens"] = np.zeros((max_text_len + 1,), np.int32)
     else:
         steps.append(transforms.Label(spec))
@@ -230,8 +256,11 @@ def _tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
 def num_train_examples(config: ml_collections.ConfigDict) -> int:
     """Records in ``config.data.train_split`` (bad ones included): turns epochs into steps."""
     data = config.data
-    return len(sources.open_source(data.name, data.train_split, data.data_dir,
-                                   image_decoder=data.image_decoder))
+    return len(
+        sources.open_source(
+            data.name, data.train_split, data.data_dir, image_decoder=data.image_decoder
+        )
+    )
 
 
 def make_train_iterator(
@@ -248,8 +277,9 @@ def make_train_iterator(
     """
     data = config.data
     if source is None:
-        source = sources.open_source(data.name, data.train_split, data.data_dir,
-                                     image_decoder=data.image_decoder)
+        source = sources.open_source(
+            data.name, data.train_split, data.data_dir, image_decoder=data.image_decoder
+        )
     dataset = train_dataset(
         source,
         spec=sources.dataset_spec(data.name),
@@ -266,8 +296,11 @@ def make_train_iterator(
         prefetch=data.prefetch,
         buffer_size=data.prefetch_buffer_size,
     )
-    return SkipCountingIterator(iter(dataset), max_skipped_fraction=data.max_skipped_fraction,
-                                dataset_name=f"{data.name}[{data.train_split}]")
+    return SkipCountingIterator(
+        iter(dataset),
+        max_skipped_fraction=data.max_skipped_fraction,
+        dataset_name=f"{data.name}[{data.train_split}]",
+    )
 
 
 def make_eval_dataset(
@@ -288,8 +321,9 @@ def make_eval_dataset(
     split = split or data.eval_split
     if source is None:
         if not split:
-            raise ValueError(f"no evaluation split given and config.data.eval_split is unset "
-                             f"for {name!r}")
+            raise ValueError(
+                f"no evaluation split given and config.data.eval_split is unset for {name!r}"
+            )
         source = sources.open_source(name, split, data.data_dir, image_decoder=data.image_decoder)
     needs_text = task in ("retrieval", "validation")
     return eval_dataset(
@@ -326,8 +360,10 @@ def make_global_batch(
     for key, value in host_batch.items():
         value = np.asarray(value)
         if value.ndim == 0:
-            raise ValueError(f"batch entry {key!r} is a scalar; only per-example arrays can be "
-                             "sharded on the batch axis")
+            raise ValueError(
+                f"batch entry {key!r} is a scalar; only per-example arrays can be "
+                "sharded on the batch axis"
+            )
         global_size = value.shape[0] * jax.process_count()
         if global_size % shards:
             raise ValueError(

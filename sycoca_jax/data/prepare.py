@@ -10,6 +10,10 @@ Bad records (undecodable images, empty captions, images below ``--min_image_size
 images, unreadable rows/shards) are skipped and counted; ``conversion_summary.json`` next to the
 data (and stdout) says ``{"written": n, "skipped": {"<reason>": n, ...}, "splits": {...}}``.
 
+Convert local VQA data (image, question, human answers; see ``sycoca_jax.data.prepare_vqa``)::
+
+  python -m sycoca_jax.data.prepare vqa --source=/data/vqa/train.jsonl --name=coco_vqa
+
 Generate the embedded dataset ahead of time (it is otherwise generated on first use)::
 
   python -m sycoca_jax.data.prepare shapes --data_dir=/data/tfds [--image_size=64 ...]
@@ -30,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from sycoca_jax.data import readers, shapes_builder, sources
@@ -70,8 +75,7 @@ def check_sample(
     encoded = sample.image
     if options.max_image_side and max(image.size) > options.max_image_side:
         image = image.convert("RGB")
-        image.thumbnail((options.max_image_side, options.max_image_side),
-                        Image.Resampling.BICUBIC)
+        image.thumbnail((options.max_image_side, options.max_image_side), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=options.jpeg_quality)
         encoded = buffer.getvalue()
@@ -120,8 +124,14 @@ class ImageTextDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Converted with sycoca_jax.data.prepare."}
 
-    def __init__(self, *, name: str, split_sources: dict[str, str] | None = None,
-                 options: ConversionOptions | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        name: str,
+        split_sources: dict[str, str] | None = None,
+        options: ConversionOptions | None = None,
+        **kwargs,
+    ):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"dataset name {name!r} must be snake_case (e.g. cc3m, my_pairs)")
         self.name = name
@@ -134,22 +144,27 @@ class ImageTextDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Image-caption pairs converted from local files.",
-            features=tfds.features.FeaturesDict({
-                "key": tfds.features.Text(),
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "captions": tfds.features.Sequence(tfds.features.Text()),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "key": tfds.features.Text(),
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "captions": tfds.features.Sequence(tfds.features.Text()),
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {split: self._generate_examples(split, source)
-                for split, source in self._split_sources.items()}
+        return {
+            split: self._generate_examples(split, source)
+            for split, source in self._split_sources.items()
+        }
 
     def _generate_examples(self, split: str, source: str):
         counts = self.counts.setdefault(split, collections.Counter())
-        samples = readers.iter_source(source, image_key=self._options.image_key,
-                                      caption_key=self._options.caption_key)
+        samples = readers.iter_source(
+            source, image_key=self._options.image_key, caption_key=self._options.caption_key
+        )
         for reason, record in checked_samples(samples, self._options):
             if reason is None:
                 counts["written"] += 1
@@ -182,8 +197,13 @@ def convert_local(
 ) -> dict:
     """Builds ``<data_dir>/<name>/1.0.0`` from local files; returns (and writes) the summary."""
     data_dir = sources.resolve_data_dir(data_dir)
-    builder = ImageTextDataset(name=name, split_sources=split_sources, options=options,
-                               data_dir=data_dir, file_format="array_record")
+    builder = ImageTextDataset(
+        name=name,
+        split_sources=split_sources,
+        options=options,
+        data_dir=data_dir,
+        file_format="array_record",
+    )
     if builder.is_prepared():
         raise FileExistsError(
             f"dataset {name!r} already exists in {builder.data_dir}; delete that folder to "
@@ -196,8 +216,7 @@ def convert_local(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),
     )
     summary = conversion_summary(builder.counts)
-    with open(os.path.join(builder.data_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    (epath.Path(builder.data_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -214,23 +233,41 @@ def _parse_sources(values: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sycoca_jax.data.prepare",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sycoca_jax.data.prepare", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     local = commands.add_parser("local", help="convert local image-caption data")
-    local.add_argument("--source", action="append", required=True,
-                       help="tar-shard folder, .jsonl/.csv/.tsv file or glob; SPLIT=PATH for a "
-                            "split other than train; repeatable")
+    local.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="tar-shard folder, .jsonl/.csv/.tsv file or glob; SPLIT=PATH for a "
+        "split other than train; repeatable",
+    )
     local.add_argument("--name", required=True, help="dataset name, e.g. cc3m")
-    local.add_argument("--data_dir", default=None, help=f"default ${sources.DATA_DIR_ENV} or "
-                                                        "~/tensorflow_datasets")
+    local.add_argument(
+        "--data_dir", default=None, help=f"default ${sources.DATA_DIR_ENV} or ~/tensorflow_datasets"
+    )
     local.add_argument("--min_image_size", type=int, default=ConversionOptions.min_image_size)
-    local.add_argument("--max_image_side", type=int, default=0,
-                       help="re-encode images whose longer side exceeds this (0: keep bytes)")
-    local.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
-                       help="processes that decode images to validate them")
+    local.add_argument(
+        "--max_image_side",
+        type=int,
+        default=0,
+        help="re-encode images whose longer side exceeds this (0: keep bytes)",
+    )
+    local.add_argument(
+        "--num_workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that decode images to validate them",
+    )
     local.add_argument("--image_key", default="image", help="JSONL key / CSV column of images")
     local.add_argument("--caption_key", default="caption", help="... and of captions")
+
+    from sycoca_jax.data import prepare_vqa  # it builds on this module
+
+    prepare_vqa.add_command(commands)
 
     shapes = commands.add_parser("shapes", help="generate the embedded sycoca_shapes dataset")
     shapes.add_argument("--data_dir", default=None)
@@ -242,18 +279,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "local":
         options = ConversionOptions(
-            min_image_size=args.min_image_size, max_image_side=args.max_image_side,
-            num_workers=args.num_workers, image_key=args.image_key, caption_key=args.caption_key)
-        summary = convert_local(_parse_sources(args.source), name=args.name,
-                                data_dir=args.data_dir, options=options)
+            min_image_size=args.min_image_size,
+            max_image_side=args.max_image_side,
+            num_workers=args.num_workers,
+            image_key=args.image_key,
+            caption_key=args.caption_key,
+        )
+        summary = convert_local(
+            _parse_sources(args.source), name=args.name, data_dir=args.data_dir, options=options
+        )
         print(json.dumps(summary, indent=2))
+    elif args.command == "vqa":
+        print(json.dumps(prepare_vqa.run_command(args), indent=2))
     else:
-        config = shapes_builder.shapes_config(args.image_size, args.num_train,
-                                              args.num_validation, args.num_test, args.seed)
+        config = shapes_builder.shapes_config(
+            args.image_size, args.num_train, args.num_validation, args.num_test, args.seed
+        )
         start = time.perf_counter()
         builder = shapes_builder.prepare(config, sources.resolve_data_dir(args.data_dir))
-        print(f"sycoca_shapes/{config.name} ready in {builder.data_dir} "
-              f"({time.perf_counter() - start:.1f} s)")
+        print(
+            f"sycoca_shapes/{config.name} ready in {builder.data_dir} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

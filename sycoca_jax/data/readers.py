@@ -44,8 +44,9 @@ def find_inputs(source: str) -> list[str]:
         shards = sorted(glob.glob(os.path.join(source, "*.tar")))
         if shards:
             return shards
-        tables = sorted(p for p in glob.glob(os.path.join(source, "*"))
-                        if p.endswith(TABLE_EXTENSIONS))
+        tables = sorted(
+            p for p in glob.glob(os.path.join(source, "*")) if p.endswith(TABLE_EXTENSIONS)
+        )
         if tables:
             return tables
         raise FileNotFoundError(f"no *.tar shards and no .jsonl/.csv/.tsv files in {source!r}")
@@ -96,8 +97,7 @@ def iter_webdataset_shard(path: str) -> Iterator[ImageText]:
                 data = tar.extractfile(member)
                 parts[extension] = data.read() if data else b""
     except (tarfile.TarError, OSError, EOFError):
-        yield ImageText(f"{os.path.basename(path)}:error", None, None,
-                        problem="unreadable_shard")
+        yield ImageText(f"{os.path.basename(path)}:error", None, None, problem="unreadable_shard")
     if current_key is not None:
         yield _webdataset_sample(current_key, parts)
 

@@ -36,9 +36,15 @@ SIZES = ("small", "medium", "large")
 # Radius of each size as a fraction of a grid cell's side.
 _SIZE_RADIUS = {"small": 0.24, "medium": 0.34, "large": 0.46}
 POSITIONS = (
-    "top left", "top middle", "top right",
-    "middle left", "centre", "middle right",
-    "bottom left", "bottom middle", "bottom right",
+    "top left",
+    "top middle",
+    "top right",
+    "middle left",
+    "centre",
+    "middle right",
+    "bottom left",
+    "bottom middle",
+    "bottom right",
 )
 NUMBER_WORDS = ("zero", "one", "two", "three")
 # Class label = index of the main shape's "colour kind" in this list (colour-major).
@@ -157,8 +163,15 @@ def render(scene: Scene, image_size: int) -> Image.Image:
     return image.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float,
-                angle: float, fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    kind: str,
+    cx: float,
+    cy: float,
+    r: float,
+    angle: float,
+    fill: tuple[int, int, int],
+) -> None:
     if kind == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         return
@@ -175,8 +188,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
         corners, radii = 10, [r if i % 2 == 0 else r * 0.45 for i in range(10)]
         start = 90.0
     theta = np.deg2rad(start + angle + 360.0 / corners * np.arange(corners))
-    points = [(cx + rad * np.cos(t), cy - rad * np.sin(t)) for rad, t in zip(radii, theta,
-                                                                                strict=True)]
+    points = [
+        (cx + rad * np.cos(t), cy - rad * np.sin(t)) for rad, t in zip(radii, theta, strict=True)
+    ]
     draw.polygon(points, fill=fill)
 
 

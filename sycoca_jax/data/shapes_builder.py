@@ -43,8 +43,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def split_sizes(self) -> dict[str, int]:
-        return {"train": self.num_train, "validation": self.num_validation,
-                "test": self.num_test}
+        return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
 
 
 def shapes_config(
@@ -55,16 +54,22 @@ def shapes_config(
     seed: int = 0,
 ) -> ShapesConfig:
     """A config named after its values, e.g. ``64px_train20000_val1000_test2000_seed0``."""
-    for key, value in dict(image_size=image_size, num_train=num_train,
-                           num_validation=num_validation, num_test=num_test).items():
+    for key, value in dict(
+        image_size=image_size, num_train=num_train, num_validation=num_validation, num_test=num_test
+    ).items():
         if value < 1:
             raise ValueError(f"sycoca_shapes: {key} must be positive, got {value}")
     if image_size < 16:
         raise ValueError(f"sycoca_shapes: image_size must be at least 16, got {image_size}")
     name = f"{image_size}px_train{num_train}_val{num_validation}_test{num_test}_seed{seed}"
     return ShapesConfig(
-        name=name, version=VERSION, image_size=image_size, num_train=num_train,
-        num_validation=num_validation, num_test=num_test, seed=seed,
+        name=name,
+        version=VERSION,
+        image_size=image_size,
+        num_train=num_train,
+        num_validation=num_validation,
+        num_test=num_test,
+        seed=seed,
         description=f"{image_size}x{image_size} scenes of 1-3 coloured shapes, seed {seed}",
     )
 
@@ -102,22 +107,31 @@ class SycocaShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
-        features = tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-            "captions": tfds.features.Sequence(tfds.features.Text(), length=shapes.NUM_CAPTIONS),
-            "label": tfds.features.ClassLabel(names=shapes.CLASS_NAMES),
-            "objects": tfds.features.Sequence({
-                "kind": tfds.features.ClassLabel(names=shapes.KINDS),
-                "colour": tfds.features.ClassLabel(names=shapes.COLOUR_NAMES),
-                "size": tfds.features.ClassLabel(names=shapes.SIZES),
-                "position": tfds.features.ClassLabel(names=shapes.POSITIONS),
-            }),
-            "questions": tfds.features.Sequence(tfds.features.Text(),
-                                                length=shapes.NUM_QUESTIONS),
-            "answers": tfds.features.Sequence(tfds.features.Text(), length=shapes.NUM_QUESTIONS),
-            "compositional": np.bool_,
-        })
+        features = tfds.features.FeaturesDict(
+            {
+                "id": tfds.features.Text(),
+                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                "captions": tfds.features.Sequence(
+                    tfds.features.Text(), length=shapes.NUM_CAPTIONS
+                ),
+                "label": tfds.features.ClassLabel(names=shapes.CLASS_NAMES),
+                "objects": tfds.features.Sequence(
+                    {
+                        "kind": tfds.features.ClassLabel(names=shapes.KINDS),
+                        "colour": tfds.features.ClassLabel(names=shapes.COLOUR_NAMES),
+                        "size": tfds.features.ClassLabel(names=shapes.SIZES),
+                        "position": tfds.features.ClassLabel(names=shapes.POSITIONS),
+                    }
+                ),
+                "questions": tfds.features.Sequence(
+                    tfds.features.Text(), length=shapes.NUM_QUESTIONS
+                ),
+                "answers": tfds.features.Sequence(
+                    tfds.features.Text(), length=shapes.NUM_QUESTIONS
+                ),
+                "compositional": np.bool_,
+            }
+        )
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
@@ -128,8 +142,10 @@ class SycocaShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is generated
-        return {split: self._generate_examples(split=split, count=count)
-                for split, count in self.builder_config.split_sizes().items()}
+        return {
+            split: self._generate_examples(split=split, count=count)
+            for split, count in self.builder_config.split_sizes().items()
+        }
 
     def _generate_examples(self, split: str, count: int):
         config = self.builder_config

@@ -90,7 +90,8 @@ class SkipStats:
 
     examples: int = 0
     skipped: dict[str, int] = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+        default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0)
+    )
 
     @property
     def total_skipped(self) -> int:
@@ -106,8 +107,10 @@ class SkipStats:
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for the training metrics line."""
-        out = {"data/skipped_records": float(self.total_skipped),
-               "data/skipped_fraction": self.skipped_fraction}
+        out = {
+            "data/skipped_records": float(self.total_skipped),
+            "data/skipped_fraction": self.skipped_fraction,
+        }
         out.update({f"data/skipped_{k}": float(v) for k, v in self.skipped.items()})
         return out
 

@@ -45,6 +45,12 @@ class DatasetSpec:
     label_key: str | None = None
     num_captions: int = 1  # captions per image in retrieval batches
     extra_text_keys: tuple[str, ...] = ()  # more text a tokenizer should cover (e.g. VQA)
+    # VQA (read only by the VQA transfer pipeline): the record's questions, and their human
+    # answers: one text per question, or (the VQA converter's layout) every question's answers
+    # flattened, with the number per question under ``answer_count_key``.
+    question_key: str | None = "questions"
+    answer_key: str | None = "answers"
+    answer_count_key: str | None = "answer_counts"
 
     def captions(self, record: dict[str, Any]) -> list[str]:
         """All captions of ``record`` as str (TFDS returns bytes), empty ones included."""
@@ -59,6 +65,31 @@ class DatasetSpec:
         if self.label_key is None:
             raise ValueError("this dataset has no class label")
         return int(record[self.label_key])
+
+    def questions_and_answers(self, record: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        """``[(question, [human answers...]), ...]`` of a VQA record, as str."""
+        missing = [k for k in (self.question_key, self.answer_key) if k is None or k not in record]
+        if missing:
+            raise ValueError(
+                f"records of this dataset have no VQA field(s) {missing} (fields: "
+                f"{sorted(record)}); VQA data needs questions and answers, e.g. from "
+                "`python -m sycoca_jax.data.prepare vqa ...`"
+            )
+        questions = [_to_str(q) for q in _as_list(record[self.question_key])]
+        answers = [_to_str(a) for a in _as_list(record[self.answer_key])]
+        if self.answer_count_key is None or self.answer_count_key not in record:
+            counts = [1] * len(questions)
+        else:
+            counts = [int(c) for c in _as_list(record[self.answer_count_key])]
+        if len(counts) != len(questions) or sum(counts) != len(answers):
+            raise ValueError(
+                f"a VQA record has {len(questions)} questions, {len(answers)} answers and answer "
+                f"counts {counts}: they do not line up"
+            )
+        ends = np.cumsum(counts)
+        return [
+            (q, answers[end - n : end]) for q, n, end in zip(questions, counts, ends, strict=True)
+        ]
 
     def texts(self, record: dict[str, Any]) -> list[str]:
         """Every text of the record a tokenizer should know: captions and extra text fields."""
@@ -81,8 +112,9 @@ def _to_str(value: Any) -> str:
 # Datasets with a layout other than the converter's (image + captions). Anything else is read
 # with the converter's layout (see sycoca_jax.data.prepare).
 KNOWN_SPECS = {
-    "sycoca_shapes": DatasetSpec(label_key="label", num_captions=5,
-                                 extra_text_keys=("questions", "answers")),
+    "sycoca_shapes": DatasetSpec(
+        label_key="label", num_captions=5, extra_text_keys=("questions", "answers")
+    ),
     "coco_captions": DatasetSpec(caption_subkey="text", num_captions=5),
     "imagenet2012": DatasetSpec(caption_key=None, label_key="label"),
     "cifar10": DatasetSpec(caption_key=None, label_key="label"),
@@ -109,15 +141,21 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
 
 def _not_found_message(name: str, data_dir: str) -> str:
     if base_name(name) in KNOWN_SPECS:
-        how = (f"prepare it once with TensorFlow installed (pip install -e '.[prepare]'): "
-               f"`tfds build {base_name(name)} --file_format=array_record --data_dir={data_dir}` "
-               "(or convert an existing TFRecord copy with `tfds convert_format "
-               "--out_file_format=array_record ...`)")
+        how = (
+            f"prepare it once with TensorFlow installed (pip install -e '.[prepare]'): "
+            f"`tfds build {base_name(name)} --file_format=array_record --data_dir={data_dir}` "
+            "(or convert an existing TFRecord copy with `tfds convert_format "
+            "--out_file_format=array_record ...`)"
+        )
     else:
-        how = ("build it from local image-text data with `python -m sycoca_jax.data.prepare "
-               f"local --source=... --name={base_name(name)} --data_dir={data_dir}`")
-    return (f"dataset {name!r} is not prepared in data_dir {data_dir!r} (set config.data.data_dir "
-            f"or ${DATA_DIR_ENV}); {how}")
+        how = (
+            "build it from local image-text data with `python -m sycoca_jax.data.prepare "
+            f"local --source=... --name={base_name(name)} --data_dir={data_dir}`"
+        )
+    return (
+        f"dataset {name!r} is not prepared in data_dir {data_dir!r} (set config.data.data_dir "
+        f"or ${DATA_DIR_ENV}); {how}"
+    )
 
 
 def open_source(
@@ -168,7 +206,7 @@ def dataset_texts(
     indices = np.linspace(0, n - 1, count).round().astype(np.int64) if count else []
     texts: list[str] = []
     for start in range(0, len(indices), 1024):
-        chunk = [int(i) for i in indices[start:start + 1024]]
+        chunk = [int(i) for i in indices[start : start + 1024]]
         for record in source.__getitems__(chunk):
             texts.extend(spec.texts(record))
     return texts

@@ -35,6 +35,7 @@ from importlib import resources
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID = 0
 BOS_ID = 1
@@ -61,8 +62,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        with open(path, "rb") as f:
-            return cls(f.read(), name=os.fspath(path))
+        """A local or ``gs://`` (``etils.epath``) model file."""
+        return cls(epath.Path(path).read_bytes(), name=os.fspath(path))
 
     def __getstate__(self) -> dict:
         return {"proto": self._proto, "name": self.name}
@@ -156,7 +157,7 @@ def bundled_model_path() -> str:
 def load_tokenizer(path: str | None, dataset: str | None = None) -> Tokenizer:
     """Loads ``path``; with no path, the bundled tokenizer of ``sycoca_shapes``."""
     if path:
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():
             raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
         return Tokenizer.from_file(path)
     if dataset is None or dataset.split("/")[0] == "sycoca_shapes":
@@ -206,9 +207,8 @@ def train_tokenizer(
     )
     tokenizer = Tokenizer(model.getvalue(), name=output or "<trained>")
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "wb") as f:
-            f.write(tokenizer.model_proto)
+        epath.Path(output).parent.mkdir(parents=True, exist_ok=True)
+        epath.Path(output).write_bytes(tokenizer.model_proto)
     return tokenizer
 
 
@@ -225,16 +225,23 @@ def _train_command(args: argparse.Namespace) -> None:
         with open(args.text_file, encoding="utf-8") as f:
             texts = [line.rstrip("\n") for line in f]
     tokenizer = train_tokenizer(
-        texts, vocab_size=args.vocab_size, model_type=args.model_type, output=args.output,
-        character_coverage=args.character_coverage, hard_vocab_limit=args.hard_vocab_limit,
+        texts,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        output=args.output,
+        character_coverage=args.character_coverage,
+        hard_vocab_limit=args.hard_vocab_limit,
     )
-    print(f"wrote {args.output}: {tokenizer.vocab_size} pieces "
-          f"(pad={PAD_ID}, bos={BOS_ID}, eos={EOS_ID}, unk={UNK_ID})")
+    print(
+        f"wrote {args.output}: {tokenizer.vocab_size} pieces "
+        f"(pad={PAD_ID}, bos={BOS_ID}, eos={EOS_ID}, unk={UNK_ID})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sycoca_jax.data.tokenizer",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sycoca_jax.data.tokenizer", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a SentencePiece model on captions")
     train.add_argument("--dataset", help="dataset name, e.g. sycoca_shapes, cc3m, coco_captions")
@@ -244,11 +251,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     train.add_argument("--vocab_size", type=int, required=True)
     train.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
     train.add_argument("--output", required=True, help="path of the .model file to write")
-    train.add_argument("--max_records", type=int, default=2_000_000,
-                       help="read at most this many records (evenly spread) of the split")
+    train.add_argument(
+        "--max_records",
+        type=int,
+        default=2_000_000,
+        help="read at most this many records (evenly spread) of the split",
+    )
     train.add_argument("--character_coverage", type=float, default=0.9995)
-    train.add_argument("--hard_vocab_limit", action="store_true",
-                       help="fail instead of producing fewer pieces than --vocab_size")
+    train.add_argument(
+        "--hard_vocab_limit",
+        action="store_true",
+        help="fail instead of producing fewer pieces than --vocab_size",
+    )
     args = parser.parse_args(argv)
     _train_command(args)
 

@@ -20,6 +20,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from sycoca_jax.data import vqa_answers
 from sycoca_jax.data.skipping import BadRecord, SkippedRecord
 from sycoca_jax.data.sources import DatasetSpec
 from sycoca_jax.data.tokenizer import Tokenizer
@@ -94,9 +95,7 @@ def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def crop_and_resize(
-    image: Image.Image, box: tuple[int, int, int, int], size: int
-) -> np.ndarray:
+def crop_and_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """Decodes ``image`` (JPEGs at a reduced scale when the crop is at least twice ``size``),
     crops ``box`` and resizes it (bicubic) to ``size`` x ``size``; uint8 RGB.
 
@@ -116,8 +115,9 @@ def crop_and_resize(
             image = image.convert("RGBA")
         if image.mode != "RGB":
             image = image.convert("RGB")
-        resized = image.resize((size, size), Image.Resampling.BICUBIC,
-                               box=(left, top, right, bottom))
+        resized = image.resize(
+            (size, size), Image.Resampling.BICUBIC, box=(left, top, right, bottom)
+        )
     except Exception as e:  # truncated or corrupt pixel data
         raise BadRecord("undecodable_image", str(e)) from e
     return np.asarray(resized, dtype=np.uint8)
@@ -171,8 +171,13 @@ class RecordRandomMap(grain.transforms.RandomMap):
 class TrainImage(RecordRandomMap):
     """Decode, random-resized-crop, resize to ``image_size``, normalise."""
 
-    def __init__(self, spec: DatasetSpec, image_size: int, crop_scale: tuple[float, float],
-                 min_image_size: int = 1):
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        image_size: int,
+        crop_scale: tuple[float, float],
+        min_image_size: int = 1,
+    ):
         lo, hi = (float(s) for s in crop_scale)
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
@@ -238,8 +243,9 @@ class TokenizeAllCaptions(RecordMap):
     """The first ``num_captions`` non-empty captions -> ``tokens`` ``(C, max_text_len + 1)`` and
     ``caption_mask`` ``(C,)`` (False for rows of pad when an image has fewer captions)."""
 
-    def __init__(self, spec: DatasetSpec, tokenizer: Tokenizer, max_text_len: int,
-                 num_captions: int):
+    def __init__(
+        self, spec: DatasetSpec, tokenizer: Tokenizer, max_text_len: int, num_captions: int
+    ):
         self.spec, self.tokenizer = spec, tokenizer
         self.max_text_len, self.num_captions = max_text_len, num_captions
 
@@ -303,3 +309,55 @@ class MaskSkipped(grain.transforms.Map):
         if isinstance(element, SkippedRecord):
             return dict(self.placeholder)
         return {**element, "mask": np.bool_(True)}
+
+
+class VQAQuestions(RecordMap):
+    """A VQA record's first ``max_questions`` questions -> ``tokens`` ``(Q, max_text_len + 1)``,
+    ``question_mask`` ``(Q,)`` (False for rows of pad when an image has fewer questions), and per
+    question its distinct human answers as ``answer_ids`` ``(Q, A)`` (answer-vocabulary index, -1
+    outside it or padding) with their accuracies ``answer_scores`` ``(Q, A)``
+    (``vqa_answers.answer_scores``). With ``qa_tokens``, also ``qa_tokens`` ``(Q, L + 1)``: each
+    question followed by its best answer, for co-training the captioning loss.
+
+    A record without questions is bad (counted as ``empty_caption``: it has no text to train on).
+    """
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        tokenizer: Tokenizer,
+        max_text_len: int,
+        max_questions: int,
+        vocab_index: dict[str, int],
+        max_answers: int,
+        accuracy: str = "vqav2",
+        qa_tokens: bool = False,
+    ):
+        self.spec, self.tokenizer, self.max_text_len = spec, tokenizer, max_text_len
+        self.max_questions, self.max_answers = max_questions, max_answers
+        self.vocab_index, self.accuracy, self.qa_tokens = dict(vocab_index), accuracy, qa_tokens
+
+    def apply(self, record: Record) -> Record:
+        pairs = [(q, a) for q, a in self.spec.questions_and_answers(record) if q.strip()]
+        pairs = pairs[: self.max_questions]
+        if not pairs:
+            raise BadRecord("empty_caption", "no question")
+        q, a, length = self.max_questions, self.max_answers, self.max_text_len + 1
+        out = {
+            "tokens": np.zeros((q, length), np.int32),
+            "question_mask": np.arange(q) < len(pairs),
+            "answer_ids": np.full((q, a), -1, np.int32),
+            "answer_scores": np.zeros((q, a), np.float32),
+        }
+        if self.qa_tokens:
+            out["qa_tokens"] = np.zeros((q, length), np.int32)
+        for i, (question, answers) in enumerate(pairs):
+            out["tokens"][i] = self.tokenizer.tokenize(question, self.max_text_len)
+            ids, scores, best = vqa_answers.answer_targets(
+                answers, self.vocab_index, a, self.accuracy
+            )
+            out["answer_ids"][i], out["answer_scores"][i] = ids, scores
+            if self.qa_tokens:
+                text = f"{question} {best}".strip()
+                out["qa_tokens"][i] = self.tokenizer.tokenize(text, self.max_text_len)
+        return {**record, **out}

@@ -32,15 +32,14 @@ class EvalContext:
     mesh: Mesh
     rules: sharding.Rules
 
-    def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn(params, *args)`` jitted, traced under the mesh and logical rules."""
-        jitted = jax.jit(fn)
+    def call(self, jitted: Callable[..., Any], *args: Any) -> Any:
+        """``jitted(model, params, *args)`` traced under the mesh and logical rules.
 
-        def run(*args):
-            with sharding.model_context(self.mesh, self.rules):
-                return jitted(self.params, *args)
-
-        return run
+        Evaluators define ``jitted`` once at module level with the model (hashable by value)
+        as a static argument, so evaluating again during training reuses the compilation.
+        """
+        with sharding.model_context(self.mesh, self.rules):
+            return jitted(self.model, self.params, *args)
 
 
 def batches(
@@ -63,6 +62,14 @@ def to_device(
 ) -> dict[str, jax.Array]:
     """The named entries as global arrays, split over the batch axes."""
     return pipeline.make_global_batch({k: host_batch[k] for k in keys}, mesh)
+
+
+def from_host_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A global array split over the batch axes from an array that every process holds whole
+    (e.g. prompt tokens), each device taking its own rows."""
+    return jax.make_array_from_callback(
+        x.shape, sharding.batch_sharding(mesh), lambda index: x[index]
+    )
 
 
 def gather(x: jax.Array) -> np.ndarray:

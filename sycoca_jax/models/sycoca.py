@@ -214,7 +214,7 @@ class SyCoCa(nn.Module):
             return self.contrastive_pooler(patch_states)[:, 0]
         return self.caption_pooler(patch_states)[:, 0]
 
-    def _image_tokens(self, patch_states: Array) -> Array:
+    def image_tokens(self, patch_states: Array) -> Array:
         """The tokens the multimodal decoder cross-attends to."""
         pooled = self.caption_pooler(patch_states)
         return pooled[:, 1:] if self.pooler == "single" else pooled
@@ -247,7 +247,7 @@ class SyCoCa(nn.Module):
             "patch_states": patch_states,
         }
         if self.use_captioning:
-            out["image_tokens"] = self._image_tokens(patch_states)
+            out["image_tokens"] = self.image_tokens(patch_states)
         return out
 
     def encode_text(self, tokens: Array) -> dict[str, Array]:
@@ -264,6 +264,14 @@ class SyCoCa(nn.Module):
         text_input, targets = caption_input_and_target(tokens)
         token_states, _ = self.text_encoder(text_input)
         return self.multimodal_decoder(token_states, image_tokens), targets
+
+    def caption_states(self, image_tokens: Array, tokens: Array) -> tuple[Array, Array]:
+        """The multimodal decoder's final token states (B, L, D) and the targets (B, L): what the
+        vocabulary projection reads, for task heads (CoCa's VQA pools these)."""
+        text_input, targets = caption_input_and_target(tokens)
+        token_states, _ = self.text_encoder(text_input)
+        states = self.multimodal_decoder(token_states, image_tokens, return_states=True)
+        return states, targets
 
     def decode_step(self, image_tokens: Array | None, tokens: Array) -> Array:
         """With ``decode=True``: logits (B, t, V) for a chunk of new tokens (B, t), using and
@@ -319,7 +327,7 @@ class SyCoCa(nn.Module):
                 ic_indices = masking.keep_most_relevant(scores, num_keep)
                 ic_states = self._branch_states(images, patch_states, ic_indices)
                 out["ic_indices"] = ic_indices
-            logits = self.multimodal_decoder(token_states, self._image_tokens(ic_states))
+            logits = self.multimodal_decoder(token_states, self.image_tokens(ic_states))
             out["caption_logits"] = logits
             out["caption_targets"] = targets
             out["caption_weights"] = (targets != self.pad_id).astype(jnp.float32)
@@ -396,10 +404,11 @@ def param_counts(params: Any) -> dict[str, int]:
     return counts
 
 
-def abstract_params(model: SyCoCa, batch_size: int = 1) -> Any:
-    """Parameter shapes (unboxed ``ShapeDtypeStruct``s) without allocating anything."""
+def abstract_params(model: SyCoCa, batch_size: int = 1, boxed: bool = False) -> Any:
+    """Parameter shapes (``ShapeDtypeStruct``s) without allocating anything; ``boxed`` keeps the
+    ``nn.Partitioned`` boxes that carry the logical axis names."""
     images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((batch_size, model.max_text_len + 1), jnp.int32)
     rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
     variables = jax.eval_shape(lambda i, t: model.init(rngs, i, t), images, tokens)
-    return nn.unbox(variables["params"])
+    return variables["params"] if boxed else nn.unbox(variables["params"])

@@ -130,8 +130,12 @@ class MultimodalDecoder(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, token_states: Array, image_tokens: Array | None) -> Array:
-        """``image_tokens`` may be None when decoding after the first step (cached context)."""
+    def __call__(
+        self, token_states: Array, image_tokens: Array | None, return_states: bool = False
+    ) -> Array:
+        """Vocabulary logits, or with ``return_states`` the final (post-LayerNorm) token states
+        they are read from (for task heads such as VQA). ``image_tokens`` may be None when
+        decoding after the first step (cached context)."""
         t = token_states.shape[1]
         if image_tokens is not None:
             image_tokens = image_tokens.astype(self.dtype)
@@ -149,6 +153,8 @@ class MultimodalDecoder(nn.Module):
             name="decoder",
         )(token_states, mask, image_tokens)
         x = layers.layer_norm(self.dtype, "ln_final")(x)
+        if return_states:
+            return x
         logits = nn.Dense(
             self.vocab_size,
             dtype=self.dtype,

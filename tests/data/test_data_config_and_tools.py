@@ -23,13 +23,12 @@ def test_data_configs():
     assert tiny.data.name == "sycoca_shapes" and tiny.batch_size == 32
     assert tiny.data.tokenizer is None and tiny.data.data_dir is None
     assert "image_size" not in tiny.data and "max_text_len" not in tiny.data
-    assert {e.task for e in tiny.data.eval_datasets.values()} == {
-        "retrieval", "captioning", "classification"}
+    assert {e.kind for e in tiny.evals.values()} == {"retrieval", "captioning", "zeroshot"}
     cc3m = _load("size=B/16,data=cc3m")
     assert cc3m.data.name == "cc3m" and cc3m.batch_size == 2048
     assert cc3m.data.prefetch == "process" and cc3m.data.eval_split == "validation"
-    assert cc3m.data.eval_datasets.coco_retrieval.name == "coco_captions"
-    assert cc3m.data.eval_datasets.imagenet.split == "validation"
+    assert cc3m.evals.coco_retrieval.dataset == "coco_captions"
+    assert cc3m.evals.imagenet_zeroshot.split == "validation"
     cc12m = _load("size=B/16,data=cc12m")
     assert cc12m.data.eval_split is None
     cc12m.data.tokenizer = "/data/spm64k.model"  # placeholders accept overrides
@@ -45,8 +44,16 @@ def test_benchmark_measures_the_pipeline(data_dir):
 
 
 def test_prepare_shapes_cli(tmp_path, capsys):
-    prepare.main(["shapes", f"--data_dir={tmp_path}", "--image_size=32", "--num_train=8",
-                  "--num_validation=2", "--num_test=2"])
+    prepare.main(
+        [
+            "shapes",
+            f"--data_dir={tmp_path}",
+            "--image_size=32",
+            "--num_train=8",
+            "--num_validation=2",
+            "--num_test=2",
+        ]
+    )
     assert "sycoca_shapes/32px_train8_val2_test2_seed0 ready" in capsys.readouterr().out
     assert (tmp_path / "sycoca_shapes" / "32px_train8_val2_test2_seed0" / "1.0.0").is_dir()
 
@@ -58,17 +65,24 @@ def test_iterator_checkpoints_with_orbax_next_to_the_train_state(data_dir, tmp_p
         next(iterator)
     state = {"params": {"w": jnp.arange(4.0)}, "step": 3}
     manager = ocp.CheckpointManager(tmp_path / "ckpt")
-    manager.save(3, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(iterator)))
+    manager.save(
+        3,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(iterator)
+        ),
+    )
     manager.wait_until_finished()
     expected = [next(iterator) for _ in range(2)]
     iterator.close()
 
     fresh = pipeline.make_train_iterator(config)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state),
-        data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+    restored = manager.restore(
+        manager.latest_step(),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state),
+            data_iter=grain.checkpoint.CheckpointRestore(fresh),
+        ),
+    )
     assert restored.data_iter is fresh and fresh.stats.examples == 96
     np.testing.assert_array_equal(restored.state["params"]["w"], state["params"]["w"])
     for want in expected:

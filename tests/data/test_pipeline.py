@@ -33,8 +33,16 @@ def bundled():
 
 
 def _train(source, tok, **kwargs):
-    options = dict(spec=SPEC, tokenizer=tok, image_size=64, max_text_len=24, global_batch_size=8,
-                   seed=0, process_index=0, process_count=1)
+    options = dict(
+        spec=SPEC,
+        tokenizer=tok,
+        image_size=64,
+        max_text_len=24,
+        global_batch_size=8,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
     options.update(kwargs)
     return pipeline.train_dataset(source, **options)
 
@@ -75,8 +83,11 @@ def test_same_seed_same_batches_other_seed_other_batches(train_source, bundled):
 
 
 def _tokens_by_image(batches):
-    return {image.tobytes(): tokens for batch in batches
-            for image, tokens in zip(batch["image"], batch["tokens"], strict=True)}
+    return {
+        image.tobytes(): tokens
+        for batch in batches
+        for image, tokens in zip(batch["image"], batch["tokens"], strict=True)
+    }
 
 
 def test_captions_vary_across_epochs(train_source, bundled):
@@ -92,15 +103,16 @@ def test_process_slices_are_disjoint_and_cover_each_epoch(train_source):
     ids = [r["id"] for r in train_source]
     slices = []
     for index in range(2):
-        sliced = pipeline.shard_records(train_source, seed=0, process_index=index,
-                                        process_count=2)
+        sliced = pipeline.shard_records(train_source, seed=0, process_index=index, process_count=2)
         slices.append([sliced[i]["id"] for i in range(len(sliced))])
         assert len(slices[-1]) == len(ids) // 2
     assert set(slices[0]).isdisjoint(slices[1])
     assert set(slices[0]) | set(slices[1]) == set(ids)
     # The next epoch is reshuffled, still disjoint and covering.
-    second = [pipeline.shard_records(train_source, seed=0, process_index=i, process_count=2)
-              for i in range(2)]
+    second = [
+        pipeline.shard_records(train_source, seed=0, process_index=i, process_count=2)
+        for i in range(2)
+    ]
     epoch2 = [[d[len(d) + i]["id"] for i in range(len(d))] for d in second]
     assert epoch2[0] != slices[0]
     assert set(epoch2[0]).isdisjoint(epoch2[1]) and set(epoch2[0]) | set(epoch2[1]) == set(ids)
@@ -108,14 +120,14 @@ def test_process_slices_are_disjoint_and_cover_each_epoch(train_source):
 
 def test_uneven_split_gives_equal_epochs_per_process():
     records = list(range(10))
-    shards = [pipeline.shard_records(records, seed=3, process_index=i, process_count=3)
-              for i in range(3)]
+    shards = [
+        pipeline.shard_records(records, seed=3, process_index=i, process_count=3) for i in range(3)
+    ]
     assert [len(s) for s in shards] == [3, 3, 3]
     for epoch in range(3):
         seen = [s[epoch * 3 + j] for s in shards for j in range(3)]
         assert len(set(seen)) == 9  # disjoint; one record (a different one) sits out
-    left_out = [set(records) - {s[e * 3 + j] for s in shards for j in range(3)}
-                for e in range(6)]
+    left_out = [set(records) - {s[e * 3 + j] for s in shards for j in range(3)} for e in range(6)]
     assert len(set().union(*left_out)) > 1
 
 
@@ -137,19 +149,29 @@ class _IdCaptions:
 
 def test_two_processes_read_disjoint_halves_end_to_end(train_source):
     ids = [r["id"].decode() for r in train_source]
-    id_tokenizer = tokenizer.train_tokenizer(ids, vocab_size=64, model_type="bpe",
-                                             character_coverage=1.0)
+    id_tokenizer = tokenizer.train_tokenizer(
+        ids, vocab_size=64, model_type="bpe", character_coverage=1.0
+    )
     seen = []
     for index in range(2):
-        batches = _take(iter(_train(_IdCaptions(train_source), id_tokenizer, global_batch_size=16,
-                                    process_index=index, process_count=2)), 6)  # one epoch
+        batches = _take(
+            iter(
+                _train(
+                    _IdCaptions(train_source),
+                    id_tokenizer,
+                    global_batch_size=16,
+                    process_index=index,
+                    process_count=2,
+                )
+            ),
+            6,
+        )  # one epoch
         assert all(b["tokens"].shape == (8, 25) for b in batches)
         seen.append([id_tokenizer.decode(t) for b in batches for t in b["tokens"]])
     assert len(set(seen[0])) == len(seen[0]) == len(ids) // 2
     assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(ids)
     with pytest.raises(ValueError, match="does not divide evenly over 2 processes"):
-        _train(train_source, id_tokenizer, global_batch_size=15, process_index=0,
-               process_count=2)
+        _train(train_source, id_tokenizer, global_batch_size=15, process_index=0, process_count=2)
 
 
 @pytest.mark.parametrize("num_workers,prefetch", [(0, "thread"), (2, "thread"), (2, "process")])
@@ -183,8 +205,11 @@ class _BrokenSource:
 
     def __init__(self, source, bad):
         self.source = source
-        order = list(pipeline.shard_records(list(range(len(source))), seed=0, process_index=0,
-                                            process_count=1))
+        order = list(
+            pipeline.shard_records(
+                list(range(len(source))), seed=0, process_index=0, process_count=1
+            )
+        )
         self.broken = {order[p]: reason for p, reason in bad.items()}
 
     def __len__(self):
@@ -211,8 +236,15 @@ def _bad_positions(n):
 def test_bad_records_are_skipped_and_counted(train_source, bundled, num_workers, prefetch):
     bad = _bad_positions(len(train_source))
     source = _BrokenSource(train_source, bad)
-    dataset = _train(source, bundled, global_batch_size=1, num_epochs=1, min_image_size=16,
-                     num_workers=num_workers, prefetch=prefetch)
+    dataset = _train(
+        source,
+        bundled,
+        global_batch_size=1,
+        num_epochs=1,
+        min_image_size=16,
+        num_workers=num_workers,
+        prefetch=prefetch,
+    )
     iterator = SkipCountingIterator(iter(dataset), max_skipped_fraction=0.5)
     batches = list(iterator)
     assert len(batches) == len(source) - len(bad)
@@ -231,8 +263,9 @@ def test_skip_counts_survive_a_restore(train_source, bundled):
     source = _BrokenSource(train_source, _bad_positions(len(train_source)))
 
     def fresh():
-        return SkipCountingIterator(iter(_train(source, bundled, min_image_size=16)),
-                                    max_skipped_fraction=0.5)
+        return SkipCountingIterator(
+            iter(_train(source, bundled, min_image_size=16)), max_skipped_fraction=0.5
+        )
 
     original = fresh()
     _take(original, 4)
@@ -248,8 +281,9 @@ def test_skip_counts_survive_a_restore(train_source, bundled):
 def test_too_many_bad_records_stop_the_run(train_source, bundled):
     bad = {p: "undecodable_image" for p in range(0, len(train_source), 3)}  # a third
     dataset = _train(_BrokenSource(train_source, bad), bundled)
-    iterator = SkipCountingIterator(iter(dataset), max_skipped_fraction=0.1, min_records=20,
-                                    dataset_name="broken_shapes")
+    iterator = SkipCountingIterator(
+        iter(dataset), max_skipped_fraction=0.1, min_records=20, dataset_name="broken_shapes"
+    )
     with pytest.raises(TooManySkippedError, match="max_skipped_fraction=10.00%"):
         _take(iterator, 10)
     everything_bad = grain.MapDataset.source([SkippedRecord("empty_caption")] * 100)
@@ -259,9 +293,17 @@ def test_too_many_bad_records_stop_the_run(train_source, bundled):
 
 def test_retrieval_eval_has_every_caption_and_pads_with_a_mask(data_dir, bundled):
     source = sources.open_source(SMALL_NAME, "validation", data_dir)
-    dataset = pipeline.eval_dataset(source, task="retrieval", spec=SPEC, image_size=64,
-                                    global_batch_size=8, tokenizer=bundled, max_text_len=24,
-                                    process_index=0, process_count=1)
+    dataset = pipeline.eval_dataset(
+        source,
+        task="retrieval",
+        spec=SPEC,
+        image_size=64,
+        global_batch_size=8,
+        tokenizer=bundled,
+        max_text_len=24,
+        process_index=0,
+        process_count=1,
+    )
     batches = list(dataset)
     assert len(dataset) == len(batches) == 3  # 20 records in batches of 8
     for batch in batches:
@@ -271,21 +313,28 @@ def test_retrieval_eval_has_every_caption_and_pads_with_a_mask(data_dir, bundled
     np.testing.assert_array_equal(masks, np.arange(24) < 20)
     tokens = np.concatenate([b["tokens"] for b in batches])
     for i in range(20):  # evaluation keeps the source order
-        assert [bundled.decode(t) for t in tokens[i]] == [c.decode() for c in
-                                                          source[i]["captions"]]
+        assert [bundled.decode(t) for t in tokens[i]] == [c.decode() for c in source[i]["captions"]]
     assert (tokens[20:] == 0).all()
 
 
 def test_captioning_eval_gives_reference_texts(data_dir):
     source = sources.open_source(SMALL_NAME, "validation", data_dir)
-    dataset = pipeline.eval_dataset(source, task="captioning", spec=SPEC, image_size=64,
-                                    global_batch_size=16, process_index=0, process_count=1)
+    dataset = pipeline.eval_dataset(
+        source,
+        task="captioning",
+        spec=SPEC,
+        image_size=64,
+        global_batch_size=16,
+        process_index=0,
+        process_count=1,
+    )
     batches = list(dataset)
     assert set(batches[0]) == {"image", "captions", "caption_mask", "mask"}
     captions = np.concatenate([b["captions"] for b in batches])
     assert captions.shape == (32, 5)
     assert [list(captions[i]) for i in range(20)] == [
-        [c.decode() for c in source[i]["captions"]] for i in range(20)]
+        [c.decode() for c in source[i]["captions"]] for i in range(20)
+    ]
     assert (captions[20:] == "").all()
 
 
@@ -293,9 +342,15 @@ def test_eval_slices_for_two_processes(data_dir, bundled):
     source = sources.open_source(SMALL_NAME, "test", data_dir)  # 40 records
     per_process = []
     for index in range(2):
-        dataset = pipeline.eval_dataset(source, task="classification", spec=SPEC,
-                                        image_size=64, global_batch_size=12,
-                                        process_index=index, process_count=2)
+        dataset = pipeline.eval_dataset(
+            source,
+            task="classification",
+            spec=SPEC,
+            image_size=64,
+            global_batch_size=12,
+            process_index=index,
+            process_count=2,
+        )
         per_process.append(list(dataset))
     assert len(per_process[0]) == len(per_process[1]) == 4  # 20 each in batches of 6
     labels = []
@@ -312,17 +367,26 @@ def test_eval_slices_for_two_processes(data_dir, bundled):
 def test_validation_eval_masks_bad_records(train_source, bundled):
     bad = {0: "undecodable_image", 1: "empty_caption"}
     source = _BrokenSource(train_source, bad)
-    dataset = pipeline.eval_dataset(source, task="validation", spec=SPEC, image_size=64,
-                                    global_batch_size=32, tokenizer=bundled, max_text_len=24,
-                                    process_index=0, process_count=1)
+    dataset = pipeline.eval_dataset(
+        source,
+        task="validation",
+        spec=SPEC,
+        image_size=64,
+        global_batch_size=32,
+        tokenizer=bundled,
+        max_text_len=24,
+        process_index=0,
+        process_count=1,
+    )
     batches = list(dataset)
     mask = np.concatenate([b["mask"] for b in batches])
     tokens = np.concatenate([b["tokens"] for b in batches])
     assert mask.sum() == len(source) - 2
     assert (tokens[~mask] == 0).all()
     first_captions = [source[i]["captions"][0].decode() for i in range(len(source))]
-    assert [bundled.decode(t) for t in tokens[mask]] == \
-        [c for i, c in enumerate(first_captions) if mask[i]]
+    assert [bundled.decode(t) for t in tokens[mask]] == [
+        c for i, c in enumerate(first_captions) if mask[i]
+    ]
 
 
 def test_eval_dataset_from_the_config(data_dir):
@@ -356,8 +420,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 
 
 def _mesh():
-    return jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"),
-                         axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
 def test_global_batch_is_sharded_over_data_and_fsdp(train_source, bundled):

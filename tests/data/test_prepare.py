@@ -36,12 +36,17 @@ def _write_shard(path, samples) -> None:
         for key, image, caption in samples:
             _add(tar, f"{key}.jpg", image)
             _add(tar, f"{key}.txt", caption.encode())
-            _add(tar, f"{key}.json", json.dumps({"caption": caption, "status": "success"})
-                 .encode())
+            _add(tar, f"{key}.json", json.dumps({"caption": caption, "status": "success"}).encode())
 
 
-CAPTIONS = ["a dog on a beach", "two red apples", "a city at night", "a small boat",
-            "snow on a mountain", "a cat asleep"]
+CAPTIONS = [
+    "a dog on a beach",
+    "two red apples",
+    "a city at night",
+    "a small boat",
+    "snow on a mountain",
+    "a cat asleep",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +61,12 @@ def converted(tmp_path_factory):
     samples.insert(5, ("000000101", _jpeg(101), "   \n"))
     _write_shard(shards / "00000.tar", samples)
     data_dir = str(root / "tfds")
-    summary = prepare.convert_local({"train": str(shards)}, name="toy_pairs", data_dir=data_dir,
-                                    options=prepare.ConversionOptions(num_workers=0))
+    summary = prepare.convert_local(
+        {"train": str(shards)},
+        name="toy_pairs",
+        data_dir=data_dir,
+        options=prepare.ConversionOptions(num_workers=0),
+    )
     return data_dir, summary
 
 
@@ -87,13 +96,24 @@ def test_summary_file_next_to_the_data(converted):
 
 def test_converted_data_goes_through_the_training_pipeline(converted, tmp_path):
     data_dir, _ = converted
-    tok = tokenizer.train_tokenizer(sources.dataset_texts("toy_pairs", data_dir=data_dir),
-                                    vocab_size=80, model_type="bpe", character_coverage=1.0)
+    tok = tokenizer.train_tokenizer(
+        sources.dataset_texts("toy_pairs", data_dir=data_dir),
+        vocab_size=80,
+        model_type="bpe",
+        character_coverage=1.0,
+    )
     source = sources.open_source("toy_pairs", "train", data_dir)
     dataset = pipeline.train_dataset(
-        source, spec=sources.dataset_spec("toy_pairs"), tokenizer=tok, image_size=32,
-        max_text_len=12, global_batch_size=4, process_index=0, process_count=1,
-        crop_scale=(0.5, 1.0))
+        source,
+        spec=sources.dataset_spec("toy_pairs"),
+        tokenizer=tok,
+        image_size=32,
+        max_text_len=12,
+        global_batch_size=4,
+        process_index=0,
+        process_count=1,
+        crop_scale=(0.5, 1.0),
+    )
     batch = next(iter(dataset))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["tokens"].shape == (4, 13)
     assert (batch["tokens"][:, 0] == BOS_ID).all()
@@ -103,8 +123,15 @@ def test_converted_data_goes_through_the_training_pipeline(converted, tmp_path):
 def test_cli_refuses_to_overwrite(converted, tmp_path, capsys):
     data_dir, _ = converted
     with pytest.raises(FileExistsError, match="already exists"):
-        prepare.main(["local", f"--source={tmp_path}", "--name=toy_pairs",
-                      f"--data_dir={data_dir}", "--num_workers=0"])
+        prepare.main(
+            [
+                "local",
+                f"--source={tmp_path}",
+                "--name=toy_pairs",
+                f"--data_dir={data_dir}",
+                "--num_workers=0",
+            ]
+        )
 
 
 def test_jsonl_and_csv_with_missing_and_small_images(tmp_path, capsys):
@@ -113,9 +140,13 @@ def test_jsonl_and_csv_with_missing_and_small_images(tmp_path, capsys):
     for i in range(4):
         (images / f"{i}.jpg").write_bytes(_jpeg(i))
     (images / "tiny.png").write_bytes(_jpeg(9, size=(12, 12)))
-    rows = [("images/0.jpg", "first caption"), ("images/1.jpg", "second caption"),
-            ("images/missing.jpg", "no image here"), ("images/tiny.png", "too small"),
-            ("images/2.jpg", "")]
+    rows = [
+        ("images/0.jpg", "first caption"),
+        ("images/1.jpg", "second caption"),
+        ("images/missing.jpg", "no image here"),
+        ("images/tiny.png", "too small"),
+        ("images/2.jpg", ""),
+    ]
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for image, caption in rows:
             f.write(json.dumps({"image": image, "caption": caption}) + "\n")
@@ -126,32 +157,49 @@ def test_jsonl_and_csv_with_missing_and_small_images(tmp_path, capsys):
         writer.writerow(["images/3.jpg", "a validation caption"])
         writer.writerow(["images/0.jpg", "another one"])
     data_dir = str(tmp_path / "tfds")
-    prepare.main(["local", f"--source={tmp_path / 'pairs.jsonl'}",
-                  f"--source=validation={tmp_path / 'val.csv'}", "--name=my_pairs",
-                  f"--data_dir={data_dir}", "--num_workers=2", "--min_image_size=32",
-                  "--image_key=image", "--caption_key=caption"])
+    prepare.main(
+        [
+            "local",
+            f"--source={tmp_path / 'pairs.jsonl'}",
+            f"--source=validation={tmp_path / 'val.csv'}",
+            "--name=my_pairs",
+            f"--data_dir={data_dir}",
+            "--num_workers=2",
+            "--min_image_size=32",
+            "--image_key=image",
+            "--caption_key=caption",
+        ]
+    )
     printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{"):])  # the CLI prints the summary
+    summary = json.loads(printed[printed.index("{") :])  # the CLI prints the summary
     assert summary["splits"]["train"] == {
         "written": 2,
-        "skipped": {"empty_caption": 1, "image_too_small": 1, "missing_image": 1,
-                    "unreadable_row": 1},
+        "skipped": {
+            "empty_caption": 1,
+            "image_too_small": 1,
+            "missing_image": 1,
+            "unreadable_row": 1,
+        },
     }
     assert summary["splits"]["validation"] == {"written": 2, "skipped": {}}
     assert summary["written"] == 4
     validation = sources.open_source("my_pairs", "validation", data_dir)
     assert sorted(r["captions"][0].decode() for r in validation) == [
-        "a validation caption", "another one"]
+        "a validation caption",
+        "another one",
+    ]
 
 
 def test_csv_column_names(tmp_path):
     (tmp_path / "a.jpg").write_bytes(_jpeg(1))
     with open(tmp_path / "pairs.tsv", "w", newline="") as f:
         f.write("filepath\ttitle\na.jpg\ta tab separated caption\n")
-    samples = list(readers.iter_source(str(tmp_path / "pairs.tsv"), image_key="filepath",
-                                       caption_key="title"))
+    samples = list(
+        readers.iter_source(str(tmp_path / "pairs.tsv"), image_key="filepath", caption_key="title")
+    )
     assert [(s.caption, s.image is not None) for s in samples] == [
-        ("a tab separated caption", True)]
+        ("a tab separated caption", True)
+    ]
     with pytest.raises(ValueError, match="--image_key/--caption_key"):
         list(readers.iter_source(str(tmp_path / "pairs.tsv")))
 
@@ -163,8 +211,7 @@ def test_webdataset_caption_from_json_and_truncated_shard(tmp_path):
         _add(tar, "x/001.png", _jpeg(1))
         _add(tar, "x/001.txt", b"from txt")
     samples = list(readers.iter_webdataset_shard(str(tmp_path / "a.tar")))
-    assert [(s.key, s.caption) for s in samples] == [("x/000", "from json"),
-                                                      ("x/001", "from txt")]
+    assert [(s.key, s.caption) for s in samples] == [("x/000", "from json"), ("x/001", "from txt")]
     data = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
     problems = [s.problem for s in readers.iter_webdataset_shard(str(tmp_path / "b.tar"))]

@@ -15,8 +15,9 @@ from tests.helpers import SMALL, SMALL_NAME
 
 
 def _examples(split: str, n: int):
-    return [shapes.make_example(0, split, i, shapes_builder.COMPOSITIONAL_FRACTION)
-            for i in range(n)]
+    return [
+        shapes.make_example(0, split, i, shapes_builder.COMPOSITIONAL_FRACTION) for i in range(n)
+    ]
 
 
 def test_examples_are_a_function_of_seed_split_index():
@@ -55,8 +56,12 @@ def test_held_out_pairs_only_in_marked_test_scenes():
 
 
 def test_captions_and_answers_are_true():
-    relations = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (-1, 0),
-                 "below": (1, 0)}
+    relations = {
+        "to the left of": (0, -1),
+        "to the right of": (0, 1),
+        "above": (-1, 0),
+        "below": (1, 0),
+    }
     for example in _examples("train", 300):
         scene, main = example.scene, example.scene.main
         assert len(example.captions) == shapes.NUM_CAPTIONS == len(set(example.captions))
@@ -94,11 +99,17 @@ def test_render_puts_the_main_colour_at_the_main_shape():
 
 
 def test_config_names_round_trip():
-    assert shapes_builder.config_from_name("sycoca_shapes").name == \
-        "64px_train20000_val1000_test2000_seed0"
+    assert (
+        shapes_builder.config_from_name("sycoca_shapes").name
+        == "64px_train20000_val1000_test2000_seed0"
+    )
     config = shapes_builder.config_from_name(SMALL_NAME)
-    assert (config.image_size, config.num_train, config.num_validation, config.num_test) == \
-        (64, 96, 20, 40)
+    assert (config.image_size, config.num_train, config.num_validation, config.num_test) == (
+        64,
+        96,
+        20,
+        40,
+    )
     with pytest.raises(ValueError, match="bad sycoca_shapes config"):
         shapes_builder.config_from_name("sycoca_shapes/big")
 
@@ -113,8 +124,9 @@ def test_built_dataset_holds_the_generated_examples(data_dir):
     for record in source:
         split, index = record["id"].decode().split("_")
         ids.add(int(index))
-        expected = shapes.make_example(SMALL.seed, split, int(index),
-                                       shapes_builder.COMPOSITIONAL_FRACTION)
+        expected = shapes.make_example(
+            SMALL.seed, split, int(index), shapes_builder.COMPOSITIONAL_FRACTION
+        )
         assert [c.decode() for c in record["captions"]] == list(expected.captions)
         assert [a.decode() for a in record["answers"]] == list(expected.answers)
         assert record["label"] == expected.scene.label

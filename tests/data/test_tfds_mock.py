@@ -20,27 +20,44 @@ from tests.helpers import tiny_config
 
 KARPATHY_SPLITS = {"train": 82_783, "restval": 30_504, "val": 5_000, "test": 5_000}
 
-COCO_CAPTIONS_FEATURES = tfds.features.FeaturesDict({
-    "image": tfds.features.Image(encoding_format="jpeg"),
-    "image/filename": tfds.features.Text(),
-    "image/id": np.int64,
-    "objects": tfds.features.Sequence({
-        "id": np.int64,
-        "area": np.int64,
-        "bbox": tfds.features.BBoxFeature(),
-        "label": tfds.features.ClassLabel(num_classes=80),
-        "is_crowd": np.bool_,
-    }),
-    "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
-})
+COCO_CAPTIONS_FEATURES = tfds.features.FeaturesDict(
+    {
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "image/filename": tfds.features.Text(),
+        "image/id": np.int64,
+        "objects": tfds.features.Sequence(
+            {
+                "id": np.int64,
+                "area": np.int64,
+                "bbox": tfds.features.BBoxFeature(),
+                "label": tfds.features.ClassLabel(num_classes=80),
+                "is_crowd": np.bool_,
+            }
+        ),
+        "captions": tfds.features.Sequence({"text": np.str_, "id": np.int64}),
+    }
+)
 
-CIFAR10_FEATURES = tfds.features.FeaturesDict({
-    "id": tfds.features.Text(),
-    "image": tfds.features.Image(shape=(32, 32, 3)),
-    "label": tfds.features.ClassLabel(names=[
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-        "truck"]),
-})
+CIFAR10_FEATURES = tfds.features.FeaturesDict(
+    {
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(
+            names=[
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ]
+        ),
+    }
+)
 
 
 def _write_metadata(root, *, name, version, config, features, splits):
@@ -61,13 +78,22 @@ def _write_metadata(root, *, name, version, config, features, splits):
 
     Metadata.name = name
     builder = Metadata(data_dir=root, file_format="array_record")
-    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=name,
-                                             filetype_suffix="array_record")
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0,
-                            filename_template=template.replace(split=split))
-        for split, n in splits.items()
-    ]))
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=builder.data_dir, dataset_name=name, filetype_suffix="array_record"
+    )
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[n],
+                    num_bytes=0,
+                    filename_template=template.replace(split=split),
+                )
+                for split, n in splits.items()
+            ]
+        )
+    )
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
 
@@ -75,28 +101,48 @@ def _write_metadata(root, *, name, version, config, features, splits):
 @pytest.fixture(scope="module")
 def metadata_dir(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("tfds_metadata"))
-    _write_metadata(root, name="coco_captions", version="1.1.0", config="2014",
-                    features=COCO_CAPTIONS_FEATURES, splits=KARPATHY_SPLITS)
-    _write_metadata(root, name="cifar10", version="3.0.2", config=None,
-                    features=CIFAR10_FEATURES, splits={"train": 50_000, "test": 10_000})
+    _write_metadata(
+        root,
+        name="coco_captions",
+        version="1.1.0",
+        config="2014",
+        features=COCO_CAPTIONS_FEATURES,
+        splits=KARPATHY_SPLITS,
+    )
+    _write_metadata(
+        root,
+        name="cifar10",
+        version="3.0.2",
+        config=None,
+        features=CIFAR10_FEATURES,
+        splits={"train": 50_000, "test": 10_000},
+    )
     return root
 
 
 def _mock(metadata_dir, num_examples):
-    return tfds.testing.mock_data(num_examples=num_examples,
-                                  policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir)
+    return tfds.testing.mock_data(
+        num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir
+    )
 
 
 def test_coco_captions_train_and_retrieval(metadata_dir, tmp_path):
     # Karpathy train = train + restval. The mock decodes images itself (image_decoder="tfds")
     # and makes them small, hence min_image_size=1; its captions are random ASCII, which the
     # shapes tokenizer can encode (and mock_data ignores data_dir).
-    config = tiny_config(str(tmp_path), name="coco_captions", train_split="train+restval",
-                         eval_split="test", image_decoder="tfds", min_image_size=1,
-                         tokenizer=bundled_model_path())
+    config = tiny_config(
+        str(tmp_path),
+        name="coco_captions",
+        train_split="train+restval",
+        eval_split="test",
+        image_decoder="tfds",
+        min_image_size=1,
+        tokenizer=bundled_model_path(),
+    )
     with _mock(metadata_dir, 24):
-        source = sources.open_source("coco_captions", "train+restval", "/unused",
-                                     image_decoder="tfds")
+        source = sources.open_source(
+            "coco_captions", "train+restval", "/unused", image_decoder="tfds"
+        )
         assert len(source) == 24
         iterator = pipeline.make_train_iterator(config)
         batch = next(iterator)
@@ -120,8 +166,9 @@ def test_cifar10_zero_shot_batches(metadata_dir, tmp_path):
     config = tiny_config(str(tmp_path), image_decoder="tfds")
     with _mock(metadata_dir, 10):
         assert sources.class_names("cifar10", "/unused")[:2] == ["airplane", "automobile"]
-        dataset = pipeline.make_eval_dataset(config, "classification", name="cifar10",
-                                             split="test", batch_size=4)
+        dataset = pipeline.make_eval_dataset(
+            config, "classification", name="cifar10", split="test", batch_size=4
+        )
         batches = list(dataset)
     assert len(batches) == 3
     assert batches[0]["image"].shape == (4, 64, 64, 3)

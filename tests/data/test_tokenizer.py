@@ -70,11 +70,13 @@ def test_bundled_model_is_what_the_training_command_produces(bundled):
     config = shapes_builder.shapes_config()
     texts = []
     for index in range(config.num_train):
-        example = shapes.make_example(config.seed, "train", index,
-                                      shapes_builder.COMPOSITIONAL_FRACTION)
+        example = shapes.make_example(
+            config.seed, "train", index, shapes_builder.COMPOSITIONAL_FRACTION
+        )
         texts += [*example.captions, *example.questions, *example.answers]
-    retrained = tokenizer.train_tokenizer(texts, vocab_size=512, model_type="bpe",
-                                          character_coverage=1.0)
+    retrained = tokenizer.train_tokenizer(
+        texts, vocab_size=512, model_type="bpe", character_coverage=1.0
+    )
     assert retrained.model_proto == bundled.model_proto
 
 
@@ -86,8 +88,14 @@ def test_pickles_by_value(bundled):
 def _spm_model(**ids) -> bytes:
     model = io.BytesIO()
     sentences = [f"the {c} {k} is here" for c in shapes.COLOURS for k in shapes.KINDS] * 5
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
-                                   vocab_size=60, hard_vocab_limit=False, minloglevel=2, **ids)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=60,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        **ids,
+    )
     return model.getvalue()
 
 
@@ -98,7 +106,7 @@ def test_user_model_with_other_special_ids_is_remapped():
     assert user.vocab_size == raw.get_piece_size() + 1  # bos added
     tokens = user.tokenize("the red star is here", 24)
     assert tokens[0] == BOS_ID and EOS_ID in tokens and tokens[-1] == PAD_ID
-    assert set(tokens[1:list(tokens).index(EOS_ID)]).isdisjoint({PAD_ID, BOS_ID, EOS_ID})
+    assert set(tokens[1 : list(tokens).index(EOS_ID)]).isdisjoint({PAD_ID, BOS_ID, EOS_ID})
     assert user.decode(tokens) == "the red star is here"
     assert user.encode("zzz").count(UNK_ID) >= 1
 
@@ -117,9 +125,17 @@ def test_missing_tokenizer_for_a_dataset_without_bundled_one():
 
 def test_cli_trains_from_a_dataset(tmp_path, data_dir, bundled):
     output = tmp_path / "shapes_small.model"
-    tokenizer.main(["train", f"--dataset={SMALL_NAME}", f"--data_dir={data_dir}",
-                    "--vocab_size=512", "--model_type=bpe", "--character_coverage=1.0",
-                    f"--output={output}"])
+    tokenizer.main(
+        [
+            "train",
+            f"--dataset={SMALL_NAME}",
+            f"--data_dir={data_dir}",
+            "--vocab_size=512",
+            "--model_type=bpe",
+            "--character_coverage=1.0",
+            f"--output={output}",
+        ]
+    )
     trained = tokenizer.load_tokenizer(str(output))
     assert trained.vocab_size <= 512
     sentence = "a large red circle at top left"

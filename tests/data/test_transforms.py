@@ -25,8 +25,9 @@ def _encode(array: np.ndarray, fmt: str = "JPEG") -> bytes:
 def _gradient(width: int, height: int) -> np.ndarray:
     x = np.linspace(0, 255, width)[None, :, None]
     y = np.linspace(0, 255, height)[:, None, None]
-    return np.broadcast_to(np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], -1),
-                           (height, width, 3)).astype(np.uint8)
+    return np.broadcast_to(
+        np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], -1), (height, width, 3)
+    ).astype(np.uint8)
 
 
 def test_random_resized_crop_box_respects_scale_and_ratio():
@@ -34,7 +35,8 @@ def test_random_resized_crop_box_respects_scale_and_ratio():
     for width, height in [(640, 480), (300, 900), (64, 64)]:
         for _ in range(200):
             left, top, right, bottom = transforms.random_resized_crop_box(
-                width, height, rng, scale=(0.3, 1.0))
+                width, height, rng, scale=(0.3, 1.0)
+            )
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
             area = (right - left) * (bottom - top) / (width * height)
             aspect = (right - left) / (bottom - top)
@@ -47,8 +49,12 @@ def test_full_scale_crop_is_the_whole_square_image():
     rng = np.random.default_rng(0)
     assert transforms.random_resized_crop_box(64, 64, rng, scale=(1.0, 1.0)) == (0, 0, 64, 64)
     # A 2:1 image with scale 1 falls back to the largest centred crop within 4:3.
-    assert transforms.random_resized_crop_box(200, 100, rng, scale=(1.0, 1.0)) == \
-        (33, 0, 166, 100)  # width round(100 * 4 / 3) = 133
+    assert transforms.random_resized_crop_box(200, 100, rng, scale=(1.0, 1.0)) == (
+        33,
+        0,
+        166,
+        100,
+    )  # width round(100 * 4 / 3) = 133
 
 
 def test_centre_crop_box():
@@ -68,8 +74,7 @@ def test_crop_and_resize_matches_with_and_without_jpeg_draft():
     array = _gradient(800, 600)
     box = (100, 50, 700, 550)
     drafted = transforms.crop_and_resize(transforms.open_image(_encode(array)), box, 64)
-    reference = transforms.crop_and_resize(
-        transforms.open_image(_encode(array, "PNG")), box, 64)
+    reference = transforms.crop_and_resize(transforms.open_image(_encode(array, "PNG")), box, 64)
     assert drafted.shape == (64, 64, 3) and drafted.dtype == np.uint8
     assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 4
 
@@ -79,8 +84,11 @@ def test_decoded_arrays_and_other_modes_become_rgb():
     out = transforms.crop_and_resize(transforms.open_image(grey), (0, 0, 50, 40), 16)
     assert out.shape == (16, 16, 3) and (out == 200).all()
     rgba = _encode(np.dstack([_gradient(30, 30), np.full((30, 30), 255, np.uint8)]), "PNG")
-    assert transforms.crop_and_resize(transforms.open_image(rgba), (0, 0, 30, 30), 8).shape == \
-        (8, 8, 3)
+    assert transforms.crop_and_resize(transforms.open_image(rgba), (0, 0, 30, 30), 8).shape == (
+        8,
+        8,
+        3,
+    )
 
 
 def test_bad_images_raise_bad_record():
@@ -111,31 +119,37 @@ def test_train_and_eval_image_transforms():
 
 def test_skipped_records_flow_through_untouched():
     skipped = transforms.TrainImage(SPEC, 32, (1.0, 1.0)).random_map(
-        {"image": b"junk", "captions": [b"a"]}, np.random.default_rng(0))
+        {"image": b"junk", "captions": [b"a"]}, np.random.default_rng(0)
+    )
     assert skipped == SkippedRecord("undecodable_image")
     tokenizer = load_tokenizer(None)
     assert transforms.TokenizeCaption(tokenizer, 8).map(skipped) is skipped
     assert transforms.SelectKeys(["image"]).map(skipped) is skipped
     assert transforms.SampleCaption(SPEC).random_map(
-        {"captions": [b"", b"  \t"]}, np.random.default_rng(0)) == SkippedRecord("empty_caption")
+        {"captions": [b"", b"  \t"]}, np.random.default_rng(0)
+    ) == SkippedRecord("empty_caption")
 
 
 def test_caption_sampling_covers_only_non_empty_captions():
     record = {"captions": [b"a red circle", b" ", b"a blue star", b""]}
-    seen = {transforms.SampleCaption(SPEC).random_map(record, np.random.default_rng(i))["caption"]
-            for i in range(50)}
+    seen = {
+        transforms.SampleCaption(SPEC).random_map(record, np.random.default_rng(i))["caption"]
+        for i in range(50)
+    }
     assert seen == {"a red circle", "a blue star"}
 
 
 def test_all_captions_with_mask():
     tokenizer = load_tokenizer(None)
-    record = {"captions": [b"a red circle", b"", b"a blue star", b"a green square",
-                           b"one more"]}
+    record = {"captions": [b"a red circle", b"", b"a blue star", b"a green square", b"one more"]}
     out = transforms.TokenizeAllCaptions(SPEC, tokenizer, 10, num_captions=3).map(record)
     assert out["tokens"].shape == (3, 11) and out["tokens"].dtype == np.int32
     np.testing.assert_array_equal(out["caption_mask"], [True, True, True])
     assert [tokenizer.decode(t) for t in out["tokens"]] == [
-        "a red circle", "a blue star", "a green square"]
+        "a red circle",
+        "a blue star",
+        "a green square",
+    ]
     short = transforms.TokenizeAllCaptions(SPEC, tokenizer, 10, 3).map({"captions": [b"a red"]})
     np.testing.assert_array_equal(short["caption_mask"], [True, False, False])
     assert (short["tokens"][1:] == 0).all()

@@ -1,0 +1,90 @@
+r"""Evaluate a checkpoint on the downstream tasks of ``config.evals``.
+
+  python -m sycoca_jax.evaluate --config=configs/sycoca.py:tiny --workdir=/tmp/sycoca_tiny \
+      [--checkpoint=PATH] [--step=N] [--evals=zeroshot,retrieval,captioning]
+
+``--evals`` names entries of ``config.evals`` or kinds (all entries of that kind); by default all
+run. Results go to stdout, ``<workdir>/eval_results.json`` and ``<workdir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+from flax import linen as nn
+from ml_collections import config_flags
+
+from sycoca_jax import binaries, sharding
+from sycoca_jax import checkpoint as ckpt
+from sycoca_jax.evaluation import common, registry
+from sycoca_jax.metrics import MetricWriter
+from sycoca_jax.models import sycoca
+
+
+def load_for_eval(
+    config: ml_collections.ConfigDict, path: str, step: int | None = None
+) -> tuple[common.EvalContext, int]:
+    """The model of ``config`` with a checkpoint's parameters, sharded on the config's mesh."""
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rules = sharding.logical_rules(config.mesh.rules)
+    model = sycoca.from_config(config.model)
+    boxed = sycoca.abstract_params(model, boxed=True)
+    step, found = ckpt.params_metadata(path, step)
+    mismatch = ckpt.describe_mismatch(nn.unbox(boxed), found)
+    if mismatch:
+        raise ckpt.IncompatibleCheckpointError(
+            f"checkpoint {path} (step {step}) does not fit this config's model:\n{mismatch}"
+        )
+    shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
+    params = ckpt.load_params(path, step=step, sharding=shardings)
+    return common.EvalContext(model, params, config, mesh, rules), step
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint: str | None = None,
+    step: int | None = None,
+    requested: list[str] | None = None,
+) -> dict[str, Any]:
+    names = registry.select(config, requested)
+    for name in names:
+        registry.resolve(config, name)  # fail on a bad entry before loading anything
+    context, step = load_for_eval(config, checkpoint or workdir, step)
+    results = registry.run(context, names)
+    registry.write_results(workdir, step, results)
+    writer = MetricWriter(workdir, tensorboard=False)
+    writer.write(step, registry.flatten(results))
+    writer.close()
+    return {**results, "step": step}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    binaries.start()
+    f = flags.FLAGS
+    requested = [e for e in (f.evals or "").split(",") if e]
+    results = evaluate(f.config, f.workdir, f.checkpoint, f.step, requested)
+    if jax.process_index() == 0:
+        print(json.dumps(results, indent=2, default=str))
+
+
+def define_flags() -> None:
+    """Flags are defined here, not at import, so importing this module has no side effects."""
+    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where results go (and checkpoints are read from).")
+    flags.DEFINE_string("checkpoint", None, "Checkpoint dir (default: the workdir's).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("evals", "", "Comma-separated entries or kinds of config.evals.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    binaries.define_flags()
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

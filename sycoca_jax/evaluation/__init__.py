@@ -1,0 +1,1 @@
+"""Downstream evaluators, one module per task; ``registry`` maps config kinds to them."""

@@ -1,0 +1,105 @@
+"""Fine-tuned classification (CoCa App. A): a new single-query attentional pooler over the image
+encoder's patch states + a linear classifier, softmax cross-entropy with label smoothing.
+
+The image tower trains with ``optim.tower_lr`` or, with ``optim.freeze_tower``, stays frozen
+(CoCa's frozen-feature attentional-pooler evaluation). Training images are augmented as in
+pretraining (random resized crop, ``data.crop_scale``); evaluation uses the centre crop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sycoca_jax.data import pipeline, sources, task_pipelines
+from sycoca_jax.metrics import MetricWriter
+from sycoca_jax.transfer import heads, inputs, results, towers, trainer
+
+
+def classifier_task(
+    pretrained: towers.Pretrained, num_classes: int, config: ml_collections.ConfigDict
+) -> tuple[trainer.HeadTask, Any]:
+    """The task (tower = the image encoder) and its ``logits(params, batch)`` function."""
+    model = pretrained.model
+    head = heads.PooledClassifier(
+        num_classes,
+        width=model.image_width,
+        num_heads=config.head.num_heads or model.pooler_heads,
+        dtype=model.dtype,
+    )
+    head_inputs = (jax.ShapeDtypeStruct((1, model.num_patches, model.image_width), jnp.float32),)
+    smoothing = config.head.label_smoothing
+
+    def logits_fn(params, batch):
+        tower = {"params": params["tower"]}
+        states = model.apply(tower, batch["image"], method=towers.patch_states)
+        return head.apply({"params": params["head"]}, states)
+
+    def loss_fn(params, batch):
+        logits = logits_fn(params, batch)
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
+        loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, {"loss": loss, "accuracy": accuracy}
+
+    task = trainer.HeadTask(model, towers.subtrees("image_encoder"), head, head_inputs, loss_fn)
+    return task, lambda params, batch: {"logits": logits_fn(params, batch)}
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
+) -> tuple[dict[str, Any], trainer.State]:
+    """Trains the classifier; returns the results (per evaluation split) and the final state."""
+    data = config.data
+    spec = inputs.spec(config)
+    num_classes = len(sources.class_names(data.name, data.data_dir))
+    train_source = inputs.open_split(config, data.train_split)
+    task, predict_fn = classifier_task(pretrained, num_classes, config)
+    setup = trainer.make_setup(config, task, len(train_source))
+    state = trainer.initial_state(setup, pretrained, config.seed)
+    dataset = task_pipelines.classification_train_dataset(
+        train_source,
+        spec=spec,
+        image_size=pretrained.model.image_size,
+        global_batch_size=config.batch_size,
+        **inputs.loader_options(config),
+    )
+    batches = inputs.train_iterator(dataset, config)
+    writer = MetricWriter(workdir)
+    try:
+        state, last = trainer.train_head(setup, state, batches, writer)
+    finally:
+        batches.close()
+    train_counts = task_pipelines.label_counts(train_source, spec, num_classes)
+    splits = {}
+    for split in data.eval_splits:
+        eval_data = pipeline.eval_dataset(
+            inputs.open_split(config, split),
+            task="classification",
+            spec=spec,
+            image_size=pretrained.model.image_size,
+            global_batch_size=config.eval_batch_size,
+            min_image_size=data.min_image_size,
+        )
+        out = trainer.predict(
+            setup,
+            predict_fn,
+            state["params"],
+            eval_data,
+            ["image"],
+            ["label"],
+            inputs.eval_threads(config),
+        )
+        splits[split] = {
+            **results.topk_accuracy(out["logits"], out["label"]),
+            "examples": len(out["label"]),
+            "chance": results.classification_baselines(train_counts, out["label"]),
+        }
+        writer.write(setup.total_steps, {f"{split}/top1": splits[split]["top1"]})
+    writer.close()
+    summary = {"num_classes": num_classes, "steps": setup.total_steps, "train": last}
+    return {**summary, "splits": splits}, state
