@@ -226,11 +226,24 @@ def eval_dataset(
         placeholder["label"] = np.int32(0)
     steps.append(transforms.SelectKeys(tuple(placeholder)))
 
-    dataset = grain.MapDataset.source(source)[index::count]
+    return padded_eval_batches(source, steps, placeholder, index, count, batch_size)
+
+
+def padded_eval_batches(
+    source: Sequence[Any],
+    steps: Sequence[grain.transforms.Map],
+    placeholder: dict[str, Any],
+    process_index: int,
+    process_count: int,
+    batch_size: int,
+) -> grain.MapDataset:
+    """This process's slice through ``steps``, bad records replaced by ``placeholder``, padded
+    with it to the same number of batches on every process; ``mask`` marks real rows."""
+    dataset = grain.MapDataset.source(source)[process_index::process_count]
     for step in steps:
         dataset = dataset.map(step)
     dataset = dataset.map(transforms.MaskSkipped(placeholder))
-    num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
     padding = num_batches * batch_size - len(dataset)
     if padding:
         pad = {**placeholder, "mask": np.bool_(False)}

@@ -17,7 +17,6 @@ image's questions are encoded once: the model repeats the image tokens for its Q
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,17 +103,7 @@ def vqa_eval_dataset(
         "answer_ids": np.full((max_questions, max_answers), -1, np.int32),
         "answer_scores": np.zeros((max_questions, max_answers), np.float32),
     }
-    dataset = grain.MapDataset.source(source)[index::count]
-    for step in steps:
-        dataset = dataset.map(step)
-    dataset = dataset.map(transforms.MaskSkipped(placeholder))
-    # As pipeline.eval_dataset: equal batch counts on every process, padding marked by ``mask``.
-    num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
-    padding = num_batches * batch_size - len(dataset)
-    if padding:
-        pad = {**placeholder, "mask": np.bool_(False)}
-        dataset = grain.MapDataset.concatenate([dataset, grain.MapDataset.source([pad] * padding)])
-    return dataset.batch(batch_size)
+    return pipeline.padded_eval_batches(source, steps, placeholder, index, count, batch_size)
 
 
 def count_vqa_answers(
