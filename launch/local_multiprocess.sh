@@ -6,11 +6,11 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/local_multiprocess.sh N [options] [--] TRAINING_FLAGS...
+Usage: launch/local_multiprocess.sh N [options] [--] FLAGS...
 
-Runs N processes of `python -m sycoca_jax.main TRAINING_FLAGS...` on localhost, each seeing
---devices_per_process CPU devices, as one multi-process JAX run (what every host of a TPU pod or
-GPU cluster does). For testing the multi-host path on a laptop; not for speed.
+Runs N processes of `python -m sycoca_jax.main FLAGS...` (or another binary, see --module) on
+localhost, each seeing --devices_per_process CPU devices, as one multi-process JAX run (what every
+host of a TPU pod or GPU cluster does). For testing the multi-host path on a laptop; not for speed.
 
 Options:
   --devices_per_process=D  CPU devices per process (default 4)
@@ -18,6 +18,8 @@ Options:
   --log_dir=DIR            write every process's output to DIR/process_<i>.log (default:
                            process 0 prints here, the others log to a temporary folder)
   --python=PY              Python interpreter (default: $PYTHON, else python3)
+  --module=M               binary to run: sycoca_jax.main (default), sycoca_jax.evaluate or
+                           sycoca_jax.transfer
   -h, --help               print this help
 
 The global batch (--config.batch_size) must divide by N and by the N*D devices' data axes.
@@ -53,6 +55,7 @@ devices=4
 port=""
 log_dir=""
 python=${PYTHON:-python3}
+module=sycoca_jax.main
 train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -64,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --port=*) port=${1#*=} ;;
     --log_dir=*) log_dir=${1#*=} ;;
     --python=*) python=${1#*=} ;;
+    --module=*) module=${1#*=} ;;
     --)
       shift
       train_args+=("$@")
@@ -75,6 +79,10 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $devices =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be a positive integer"
 [[ -z $port || $port =~ ^[0-9]+$ ]] || die "--port must be a number"
+case "$module" in
+  sycoca_jax.main | sycoca_jax.evaluate | sycoca_jax.transfer) ;;
+  *) die "--module must be sycoca_jax.main, sycoca_jax.evaluate or sycoca_jax.transfer, got '$module'" ;;
+esac
 
 if [[ -z $port ]]; then
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
@@ -110,7 +118,7 @@ xla_flags="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
 for ((i = 0; i < num_processes; i++)); do
   log="$log_dir/process_$i.log"
   command=(
-    "$python" -m sycoca_jax.main "${train_args[@]}"
+    "$python" -m "$module" "${train_args[@]}"
     "--coordinator_address=localhost:$port" "--num_processes=$num_processes" "--process_id=$i"
   )
   if [[ $i -eq 0 && $keep_process0_here -eq 1 ]]; then

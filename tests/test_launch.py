@@ -68,6 +68,8 @@ def test_shellcheck_is_clean():
 def test_argument_mistakes_are_named():
     bad_count = _run(["bash", str(LAUNCH / "local_multiprocess.sh"), "two"])
     assert bad_count.returncode == 2 and "positive integer" in bad_count.stderr
+    bad_module = _run(["bash", str(LAUNCH / "local_multiprocess.sh"), "2", "--module=os"])
+    assert bad_module.returncode == 2 and "--module must be" in bad_module.stderr
     local_workdir = _run(
         [
             "bash",

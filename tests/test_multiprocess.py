@@ -110,7 +110,11 @@ def _env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _launch(count: int, data_dir: str, workdir: str, env: dict, log_dir: str):
+def _launch(
+    count: int, data_dir: str, workdir: str, env: dict, log_dir: str, flags: list[str] | None = None
+):
+    """``launch/local_multiprocess.sh`` with the training flags, or ``flags`` (those begin with
+    the launcher's own ``--module=``)."""
     return subprocess.Popen(
         [
             "bash",
@@ -118,7 +122,7 @@ def _launch(count: int, data_dir: str, workdir: str, env: dict, log_dir: str):
             str(count),
             "--devices_per_process=4",
             f"--log_dir={log_dir}",
-            *_train_flags(data_dir, workdir),
+            *(flags if flags is not None else _train_flags(data_dir, workdir)),
         ],
         cwd=ROOT,
         env=env,
@@ -269,3 +273,71 @@ def test_process_slices_are_disjoint_and_their_states_restore(pairs_data_dir, ru
         assert json.loads(f.read()) == json.loads(json.dumps(fresh.get_state()))
     for iterator in (one, *parts, fresh):
         iterator.close()
+
+
+def _eval_flags(shapes_data_dir: str, checkpoint: str, workdir: str) -> list[str]:
+    """``sycoca_jax.evaluate`` on the small shapes build's test split (40 images, 200 captions)
+    with the trained model's config: zero-shot, retrieval and greedy captioning."""
+    values = {
+        **_overrides(shapes_data_dir),
+        "data.name": SMALL_NAME,
+        "data.data_dir": shapes_data_dir,
+    }
+    for name in config_for("tiny").get("evals", {}):
+        values[f"evals.{name}.batch_size"] = "16"  # 40 examples: 20 per process, padded to 24
+    return [
+        f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny",
+        f"--workdir={workdir}",
+        f"--checkpoint={checkpoint}",
+        *(f"--config.{k}={v}" for k, v in values.items()),
+    ]
+
+
+def test_evaluation_on_two_processes_matches_one(runs, data_dir, tmp_path):
+    """The evaluators' multi-host path: each process embeds and decodes its own slice of the
+    test split, results are gathered across processes (in an order unlike one process's), and
+    the metrics must equal a one-process evaluation of the same checkpoint. Every device holds
+    the same number of examples in both layouts, so the numbers agree to float rounding."""
+    _, multi, _, _ = runs
+    env = _env(str(tmp_path / "jax_cache"))
+    one, two = str(tmp_path / "eval_1x8"), str(tmp_path / "eval_2x4")
+    alone = subprocess.Popen(
+        [sys.executable, "-m", "sycoca_jax.evaluate", *_eval_flags(data_dir, multi, one)],
+        cwd=ROOT,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    logs = str(tmp_path / "logs")
+    flags = ["--module=sycoca_jax.evaluate", *_eval_flags(data_dir, multi, two)]
+    launcher = _launch(2, data_dir, two, env, logs, flags)
+    try:
+        output = launcher.communicate(timeout=300)[0]
+        assert launcher.returncode == 0, output[-3000:] + _tails(logs)
+        output = alone.communicate(timeout=300)[0]
+        assert alone.returncode == 0, output[-3000:]
+    finally:
+        for process in (alone, launcher):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    results = []
+    for workdir in (one, two):
+        with open(os.path.join(workdir, "eval_results.json")) as f:
+            results.append(json.load(f))
+    expected, got = results
+    assert set(got) == set(expected) == {"step", *config_for("tiny").evals}
+    assert got["step"] == expected["step"] == TOTAL_STEPS
+    assert expected["shapes_retrieval"]["num_images"] == 40
+    assert expected["shapes_retrieval"]["num_captions"] == 200
+    assert expected["shapes_zeroshot"]["num_examples"] == 40
+    for name in config_for("tiny").evals:
+        assert set(got[name]) == set(expected[name]), name
+        for metric, value in expected[name].items():
+            if metric == "captions_per_sec":  # a timing
+                continue
+            if isinstance(value, (int, float)):
+                np.testing.assert_allclose(got[name][metric], value, atol=1e-6, err_msg=metric)
+            else:
+                assert got[name][metric] == value, (name, metric)
