@@ -46,6 +46,11 @@ class TokenEmbedding(nn.Module):
             (self.vocab_size, self.width),
             jnp.float32,
         )
+        # The lookup reads a copy gathered over ``fsdp`` (as every FSDP weight is for its use);
+        # in the backward pass, the scatter-add into the table then stays local to each device's
+        # batch rows before one reduction. Against the table's own FSDP layout, the partitioner
+        # would replicate the whole batch of text states instead.
+        table = layers.constrain(table, ("vocab", None))
         return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
 
