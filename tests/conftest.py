@@ -6,9 +6,9 @@ module imports jax.
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", "").split():  # once, even if inherited
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
