@@ -192,7 +192,8 @@ def eval_dataset(
     (b, C); ``captioning``: ``image``, ``captions`` (b, C) object array of reference texts (pop
     it before ``make_global_batch``), ``caption_mask``; ``classification``: ``image``,
     ``label`` (b,) i32; ``validation``: ``image``, ``tokens`` (b, L+1) from the first caption.
-    All of them have ``mask`` (b,) bool, False for padding and bad records.
+    All of them have ``mask`` (b,) bool, False for padding and bad records, and ``index`` (b,)
+    i32, each row's position in the split (-1 for padding).
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
@@ -238,15 +239,17 @@ def padded_eval_batches(
     batch_size: int,
 ) -> grain.MapDataset:
     """This process's slice through ``steps``, bad records replaced by ``placeholder``, padded
-    with it to the same number of batches on every process; ``mask`` marks real rows."""
+    with it to the same number of batches on every process; ``mask`` marks real rows and
+    ``index`` their positions in ``source``."""
     dataset = grain.MapDataset.source(source)[process_index::process_count]
     for step in steps:
         dataset = dataset.map(step)
     dataset = dataset.map(transforms.MaskSkipped(placeholder))
+    dataset = dataset.map_with_index(transforms.SplitIndex(process_index, process_count))
     num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
     padding = num_batches * batch_size - len(dataset)
     if padding:
-        pad = {**placeholder, "mask": np.bool_(False)}
+        pad = {**placeholder, "mask": np.bool_(False), "index": np.int32(-1)}
         dataset = grain.MapDataset.concatenate([dataset, grain.MapDataset.source([pad] * padding)])
     return dataset.batch(batch_size)
 

@@ -311,6 +311,18 @@ class MaskSkipped(grain.transforms.Map):
         return {**element, "mask": np.bool_(True)}
 
 
+class SplitIndex(grain.transforms.MapWithIndex):
+    """Evaluation: ``index``, the record's position in the whole split (a process reads the
+    records ``process_index::process_count``), so results gathered from every process can be put
+    back in dataset order whatever the device layout."""
+
+    def __init__(self, process_index: int, process_count: int):
+        self.process_index, self.process_count = process_index, process_count
+
+    def map_with_index(self, index: int, element: Record) -> Record:
+        return {**element, "index": np.int32(self.process_index + self.process_count * index)}
+
+
 class VQAQuestions(RecordMap):
     """A VQA record's first ``max_questions`` questions -> ``tokens`` ``(Q, max_text_len + 1)``,
     ``question_mask`` ``(Q,)`` (False for rows of pad when an image has fewer questions), and per

@@ -174,11 +174,9 @@ def caption_split(
     seed = jax.random.key(int(s["seed"]))
     limit = int(s["num_examples"])
     max_batches = math.ceil(limit / eval_config.batch_size) if limit > 0 else None
-    # (index in the split, caption, references): process p holds the split's rows p::count, so
-    # sorting by that index puts every process's captions back in dataset order.
+    # (index in the split, caption, references), sorted by that index once every process's are
+    # gathered: the captions in dataset order, whatever the process layout.
     indexed: list[tuple[int, str, list[str]]] = []
-    process, count = jax.process_index(), jax.process_count()
-    position = 0  # rows of this process's slice seen so far
     timed_rows, timed_seconds = 0, 0.0
     for index, host_batch in enumerate(common.batches(context, eval_config, "captioning")):
         if max_batches is not None and index >= max_batches:
@@ -194,9 +192,8 @@ def caption_split(
         for row in np.flatnonzero(host_batch["mask"]):
             valid = host_batch["caption_mask"][row]
             refs = [str(r) for r, ok in zip(references[row], valid, strict=True) if ok]
-            split_index = process + count * (position + int(row))
+            split_index = int(host_batch["index"][row])
             indexed.append((split_index, tokenizer.decode(local[row]), refs))
-        position += len(host_batch["mask"])
     in_order = sorted(_all_processes(indexed), key=lambda item: item[0])
     pairs = [(caption, refs) for _, caption, refs in in_order]
     if limit > 0:

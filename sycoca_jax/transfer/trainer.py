@@ -232,7 +232,8 @@ def predict(
     num_threads: int = 2,
 ) -> dict[str, np.ndarray]:
     """``fn(params, batch)`` over an evaluation dataset: its outputs and the batch entries
-    ``keep``, concatenated over batches, padding rows (``mask`` False) dropped.
+    ``keep``, concatenated over batches, padding rows (``mask`` False) dropped, in dataset order
+    (by the batches' ``index``, where they have one) whatever the process layout.
 
     ``fn`` should be the same object across calls, so its compilation is reused. Batches are
     prepared by ``num_threads`` background threads (0: inline).
@@ -245,10 +246,11 @@ def predict(
     start = time.perf_counter()
     with setup.context():
         for host in dataset:
-            names = list(dict.fromkeys([*inputs, *keep, "mask"]))
+            carried = [*keep, "mask", *(["index"] if "index" in host else [])]
+            names = list(dict.fromkeys([*inputs, *carried]))
             batch = pipeline.make_global_batch({k: host[k] for k in names}, setup.mesh)
             outputs = dict(jitted(params, {k: batch[k] for k in inputs}))
-            outputs.update({k: batch[k] for k in (*keep, "mask")})
+            outputs.update({k: batch[k] for k in carried})
             for key, value in outputs.items():
                 parts.setdefault(key, []).append(gather(value))
     if not parts:
@@ -256,4 +258,5 @@ def predict(
     out = {k: np.concatenate(v) for k, v in parts.items()}
     mask = out.pop("mask").astype(bool)
     logging.info("predicted %d examples in %.1f s", int(mask.sum()), time.perf_counter() - start)
-    return {k: v[mask] for k, v in out.items()}
+    order = np.argsort(out.pop("index")[mask], kind="stable") if "index" in out else slice(None)
+    return {k: v[mask][order] for k, v in out.items()}

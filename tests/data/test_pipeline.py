@@ -329,7 +329,7 @@ def test_captioning_eval_gives_reference_texts(data_dir):
         process_count=1,
     )
     batches = list(dataset)
-    assert set(batches[0]) == {"image", "captions", "caption_mask", "mask"}
+    assert set(batches[0]) == {"image", "captions", "caption_mask", "mask", "index"}
     captions = np.concatenate([b["captions"] for b in batches])
     assert captions.shape == (32, 5)
     assert [list(captions[i]) for i in range(20)] == [
@@ -360,6 +360,9 @@ def test_eval_slices_for_two_processes(data_dir, bundled):
         assert mask.sum() == 20 and label.dtype == np.int32
         expected = [int(source[i]["label"]) for i in range(index, 40, 2)]
         assert label[mask].tolist() == expected
+        positions = np.concatenate([b["index"] for b in batches])
+        assert positions[mask].tolist() == list(range(index, 40, 2))  # positions in the split
+        assert (positions[~mask] == -1).all()
         labels += expected
     assert len(labels) == 40
 

@@ -81,3 +81,20 @@ def test_tower_and_head_have_their_own_learning_rates():
     tx, _, trainable = trainer.make_optimizer(frozen, total_steps=10, warmup_steps=0)
     assert trainable == ("head",)
     assert set(tx.init({"head": params["head"]}).inner_states) == {"head"}
+
+
+def test_predict_returns_rows_in_dataset_order():
+    """As batches arrive from several processes: rows out of order, padding in between."""
+    from sycoca_jax import sharding
+
+    index = np.array([[4, 0, 6, 2], [5, 1, -1, 3]], np.int32)  # -1: padding
+    batches = [
+        {"x": (row * 10.0).astype(np.float32), "index": row, "mask": row >= 0} for row in index
+    ]
+    mesh = sharding.make_mesh((8, 1, 1))
+    placement = trainer.Placement(mesh, sharding.logical_rules("data_parallel"))
+    mesh_batches = [{k: np.repeat(v, 2) for k, v in b.items()} for b in batches]  # 8 rows
+    out = trainer.predict(
+        placement, lambda params, b: {"y": b["x"] + 1}, None, mesh_batches, ["x"], num_threads=0
+    )
+    assert out["y"].tolist() == [v * 10.0 + 1 for v in range(7) for _ in range(2)]
