@@ -80,22 +80,6 @@ SIZES = {
         caption_queries=256,
         pooler_heads=8,
     ),
-    "B/32": dict(
-        image_size=224,
-        patch_size=32,
-        image_width=768,
-        image_depth=12,
-        image_heads=12,
-        image_mlp_dim=3072,
-        text_width=768,
-        text_depth=12,
-        multimodal_depth=12,
-        text_heads=12,
-        text_mlp_dim=3072,
-        embed_dim=512,
-        caption_queries=256,
-        pooler_heads=8,
-    ),
     "L/14": dict(
         image_size=224,
         patch_size=14,
@@ -113,6 +97,7 @@ SIZES = {
         pooler_heads=16,
     ),
 }
+SIZES["B/32"] = {**SIZES["B/16"], "patch_size": 32}  # Base with 32-pixel patches
 
 # Defaults shared by every non-tiny size (tiny overrides some of them).
 LARGE_DEFAULTS = dict(

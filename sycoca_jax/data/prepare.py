@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -204,13 +204,26 @@ def convert_local(
         data_dir=data_dir,
         file_format="array_record",
     )
+
+    def check_inputs() -> None:
+        for source in split_sources.values():
+            readers.find_inputs(source)
+
+    return build_with_summary(builder, name, check_inputs)
+
+
+def build_with_summary(
+    builder: tfds.core.GeneratorBasedBuilder, name: str, check_inputs: Callable[[], None]
+) -> dict:
+    """Builds a converter's dataset and writes its ``conversion_summary.json``: refuses to
+    overwrite an existing build, and runs ``check_inputs`` (raising on a missing input) before
+    anything is written. ``builder.counts`` holds what its generator wrote and skipped."""
     if builder.is_prepared():
         raise FileExistsError(
             f"dataset {name!r} already exists in {builder.data_dir}; delete that folder to "
             "rebuild it, or pick another --name"
         )
-    for source in split_sources.values():
-        readers.find_inputs(source)  # fail before writing anything if an input is missing
+    check_inputs()
     builder.download_and_prepare(
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from sycoca_jax.data import prepare, readers, sources
 
@@ -164,22 +163,14 @@ def convert_vqa(
         data_dir=data_dir,
         file_format="array_record",
     )
-    if builder.is_prepared():
-        raise FileExistsError(
-            f"dataset {name!r} already exists in {builder.data_dir}; delete that folder to "
-            "rebuild it, or pick another --name"
-        )
-    for source in split_sources.values():
-        for path in source if isinstance(source, tuple) else (source,):
-            if not os.path.exists(path):  # fail before writing anything
-                raise FileNotFoundError(f"VQA source {path!r} does not exist")
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
-    summary = prepare.conversion_summary(builder.counts)
-    (epath.Path(builder.data_dir) / prepare.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+
+    def check_inputs() -> None:
+        for source in split_sources.values():
+            for path in source if isinstance(source, tuple) else (source,):
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"VQA source {path!r} does not exist")
+
+    return prepare.build_with_summary(builder, name, check_inputs)
 
 
 def add_command(commands: Any) -> None:
