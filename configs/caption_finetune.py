@@ -17,8 +17,9 @@ Arguments (comma separated ``key=value``; a bare word is the size):
 It is ``configs/sycoca.py`` (loaded from this folder, so every pretraining field and the
 trainer's behaviour are shared, not duplicated) with these changes:
 
-- model: CoCa's switches (``use_tgmim=False``, ``ic_masking="none"``): the multimodal decoder sees
-  every patch, as it does when captioning at inference; the TG-MIM decoder is not built;
+- model: CoCa's switches (``use_tgmim=False``, ``caption_masking="none"``): the multimodal
+  decoder sees every patch, as it does when captioning at inference; the TG-MIM decoder is not
+  built;
 - loss: ``caption_weight=1``, ``tgmim_weight=0``, ``itc_weight`` from the argument. With 0 the
   contrastive head gets no gradient while weight decay shrinks its projections and (cascade
   pooler) the captioning pooler beneath it changes: zero-shot and retrieval drift, and the
@@ -70,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config = pretraining_config(args.size, args.data)
         if not tiny:
             config.total_epochs = 2.0
-    config.model.ic_masking = "none"
+    config.model.caption_masking = "none"
     config.model.use_tgmim = False
     config.loss.caption_weight = 1.0
     config.loss.tgmim_weight = 0.0

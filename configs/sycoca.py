@@ -115,16 +115,19 @@ OBJECTIVES = {
     # objective: model switches and loss weights (DESIGN §2: L = ITC + 2 IC + TG-MIM).
     "sycoca": dict(
         model=dict(
-            use_captioning=True, use_tgmim=True, ic_masking="attentive", tgmim_masking="attentive"
+            use_captioning=True,
+            use_tgmim=True,
+            caption_masking="attentive",
+            tgmim_masking="attentive",
         ),
         loss=dict(itc_weight=1.0, caption_weight=2.0, tgmim_weight=1.0),
     ),
     "coca": dict(
-        model=dict(use_captioning=True, use_tgmim=False, ic_masking="none"),
+        model=dict(use_captioning=True, use_tgmim=False, caption_masking="none"),
         loss=dict(itc_weight=1.0, caption_weight=2.0, tgmim_weight=0.0),
     ),
     "clip": dict(
-        model=dict(use_captioning=False, use_tgmim=False, ic_masking="none"),
+        model=dict(use_captioning=False, use_tgmim=False, caption_masking="none"),
         loss=dict(itc_weight=1.0, caption_weight=0.0, tgmim_weight=0.0),
     ),
 }
@@ -143,8 +146,11 @@ def model_config(size: str, objective: str) -> ml_collections.ConfigDict:
         temperature_init=1 / 0.07,
         temperature_max=100.0,
         score_mode="max_sim",
-        ic_masking="attentive",
-        ic_keep_ratio=0.5,
+        caption_masking="attentive",
+        caption_keep_ratio=0.5,
+        # Old spellings of the two above (deprecated; set, they override with a warning).
+        ic_masking=ml_collections.config_dict.placeholder(str),
+        ic_keep_ratio=ml_collections.config_dict.placeholder(float),
         tgmim_masking="attentive",
         tgmim_mask_ratio=0.5,
         branch_encoding="reencode",

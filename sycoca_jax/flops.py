@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sycoca_jax.models import masking
+from sycoca_jax.models import masking, sycoca
 
 
 def _dense(tokens: int, d_in: int, d_out: int) -> int:
@@ -71,16 +71,17 @@ def _pool_flops(m: Mapping[str, Any], num_tokens: int, contrastive: bool, captio
 
 def forward_flops_per_example(m: Mapping[str, Any]) -> dict[str, int]:
     """Forward FLOPs of one training example, by part, plus ``total``."""
+    m = sycoca.model_fields(m)
     n = (m["image_size"] // m["patch_size"]) ** 2
     t = m["max_text_len"]
     w, dv, e = m["text_width"], m["image_width"], m["embed_dim"]
     parts: dict[str, int] = {}
 
-    parts["text_decoder"] = m["text_depth"] * _block(t + 1, w, m["text_mlp_dim"]) + _dense(1, w, e)
+    parts["text_encoder"] = m["text_depth"] * _block(t + 1, w, m["text_mlp_dim"]) + _dense(1, w, e)
     parts["image_encoder"] = vit_flops(m, n)
     parts["poolers"] = _pool_flops(m, n, contrastive=True, captioning=False) + _dense(1, w, e)
 
-    attentive = (m["use_captioning"] and m["ic_masking"] == "attentive") or (
+    attentive = (m["use_captioning"] and m["caption_masking"] == "attentive") or (
         m["use_tgmim"] and m["tgmim_masking"] == "attentive"
     )
     if attentive:
@@ -94,8 +95,8 @@ def forward_flops_per_example(m: Mapping[str, Any]) -> dict[str, int]:
     reencode = m["branch_encoding"] == "reencode"
     if m["use_captioning"]:
         k = n
-        if m["ic_masking"] != "none":
-            k = masking.static_count(n, m["ic_keep_ratio"], "ic_keep_ratio")
+        if m["caption_masking"] != "none":
+            k = masking.static_count(n, m["caption_keep_ratio"], "caption_keep_ratio")
             if reencode:
                 parts["image_encoder"] += vit_flops(m, k)
         num_image_tokens = m["caption_queries"] - (1 if m["pooler"] == "single" else 0)

@@ -80,10 +80,12 @@ def total_loss(outputs: Mapping[str, Array], loss_config: Any) -> tuple[Array, d
             loss_config.label_smoothing,
         )
         total += loss_config.caption_weight * ic
-        metrics["loss/ic"] = ic
-        metrics["accuracy/ic"] = accuracy
-    if loss_config.tgmim_weight and "mim_prediction" in outputs:
-        mim = tgmim_loss(outputs["mim_prediction"], outputs["mim_target"], outputs["mim_mask"])
+        metrics["loss/caption"] = ic
+        metrics["accuracy/caption"] = accuracy
+    if loss_config.tgmim_weight and "tgmim_prediction" in outputs:
+        mim = tgmim_loss(
+            outputs["tgmim_prediction"], outputs["tgmim_target"], outputs["tgmim_mask"]
+        )
         total += loss_config.tgmim_weight * mim
         metrics["loss/tgmim"] = mim
     metrics["loss"] = total

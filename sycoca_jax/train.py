@@ -472,7 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def log(step: int, metrics: dict[str, float]) -> None:
         record = {**metrics, **meter.measure(step), **train_iter.stats.metrics()}
         record["skipped_records"] = record.pop("data/skipped_records")
-        for key in ("loss/itc", "loss/ic", "loss/tgmim"):
+        for key in ("loss/itc", "loss/caption", "loss/tgmim"):
             record.setdefault(key, None)
         writer.write(step, record)
         last.clear()

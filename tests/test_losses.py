@@ -103,13 +103,13 @@ def test_total_loss_weights_and_terms():
         "caption_logits": rng.normal(size=(3, 4, 6)).astype(np.float32),
         "caption_targets": np.array([[1, 2, 0, 0]] * 3),
         "caption_weights": np.array([[1, 1, 0, 0]] * 3, np.float32),
-        "mim_prediction": rng.normal(size=(3, 5, 2)).astype(np.float32),
-        "mim_target": rng.normal(size=(3, 5, 2)).astype(np.float32),
-        "mim_mask": np.array([[1, 1, 0, 0, 0]] * 3, bool),
+        "tgmim_prediction": rng.normal(size=(3, 5, 2)).astype(np.float32),
+        "tgmim_target": rng.normal(size=(3, 5, 2)).astype(np.float32),
+        "tgmim_mask": np.array([[1, 1, 0, 0, 0]] * 3, bool),
     }
     total, metrics = losses.total_loss(outputs, _loss_config())
     np.testing.assert_allclose(
-        total, metrics["loss/itc"] + 2 * metrics["loss/ic"] + metrics["loss/tgmim"], rtol=1e-6
+        total, metrics["loss/itc"] + 2 * metrics["loss/caption"] + metrics["loss/tgmim"], rtol=1e-6
     )
     _, coca = losses.total_loss(outputs, _loss_config(mim=0.0))
     assert "loss/tgmim" not in coca

@@ -21,7 +21,7 @@ from sycoca_jax.metrics import read_metrics
 from sycoca_jax.tools import inspect_checkpoint
 from tests.helpers import ROOT, SMALL_NAME, tiny_config
 
-LOSSES = ("loss/itc", "loss/ic", "loss/tgmim")
+LOSSES = ("loss/itc", "loss/caption", "loss/tgmim")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         def step(state, batch):
             state, metrics = compiled(state, batch)
             if int(state["step"]) >= 5:
-                metrics = {**metrics, "loss": jnp.nan, "loss/ic": jnp.nan}
+                metrics = {**metrics, "loss": jnp.nan, "loss/caption": jnp.nan}
             return state, metrics
 
         return step, report
@@ -134,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     config.batch_size = 16
     config.total_steps = 40
     config.checkpoint_every_steps = 2
-    with pytest.raises(train.NonFiniteLossError, match=r"loss/ic is nan at step 5"):
+    with pytest.raises(train.NonFiniteLossError, match=r"loss/caption is nan at step 5"):
         train.train_and_evaluate(config, str(tmp_path))
     checkpointer = ckpt.Checkpointer(str(tmp_path), async_save=False)
     assert list(checkpointer.all_steps()) == [2, 4]

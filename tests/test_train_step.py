@@ -61,7 +61,7 @@ def test_sharded_step_equals_single_device(single_device_run, mesh_shape, capfd)
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
     reference_state, reference_history = single_device_run
     assert int(state["step"]) == 3
-    for name in ("loss", "loss/itc", "loss/ic", "loss/tgmim"):
+    for name in ("loss", "loss/itc", "loss/caption", "loss/tgmim"):
         np.testing.assert_allclose(
             [h[name] for h in history], [h[name] for h in reference_history], rtol=2e-5
         )
@@ -83,7 +83,7 @@ def test_tgmim_guides_text_and_scores_pass_no_gradient(tiny_model, tiny_params, 
 
     def tgmim(params):
         out = outputs(params)
-        return losses.tgmim_loss(out["mim_prediction"], out["mim_target"], out["mim_mask"])
+        return losses.tgmim_loss(out["tgmim_prediction"], out["tgmim_target"], out["tgmim_mask"])
 
     grads = jax.jit(jax.grad(tgmim))(tiny_params)
     text_grad = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["text_encoder"]))
@@ -106,7 +106,7 @@ def test_baselines_train_from_the_same_code(objective):
     for _ in range(8):
         state, metrics = compiled(state, batch)
         losses_seen.append(float(metrics["loss"]))
-    assert ("loss/ic" in metrics) == (objective == "coca")
+    assert ("loss/caption" in metrics) == (objective == "coca")
     assert "loss/tgmim" not in metrics
     assert losses_seen[-1] < losses_seen[0] - 0.1, losses_seen
 
@@ -142,8 +142,8 @@ def test_bad_batch_or_mesh_fails_before_compiling():
 
 
 def test_non_finite_loss_names_step_and_term():
-    with pytest.raises(train.NonFiniteLossError, match=r"loss/ic is nan at step 7"):
-        train.check_finite(7, {"loss": float("nan"), "loss/itc": 1.0, "loss/ic": float("nan")})
+    with pytest.raises(train.NonFiniteLossError, match=r"loss/caption is nan at step 7"):
+        train.check_finite(7, {"loss": float("nan"), "loss/itc": 1.0, "loss/caption": float("nan")})
     train.check_finite(1, {"loss": 1.0, "grad_norm": float("inf")})
 
 

@@ -5,7 +5,7 @@ One training forward (``__call__``) returns everything the three losses need; ``
 token arrays are the pipeline's ``(B, max_text_len + 1)`` arrays; the text tower reads the first
 ``max_text_len`` of them (``caption_input_and_target``).
 
-Setting ``use_tgmim=False, ic_masking="none"`` gives CoCa; also ``use_captioning=False`` gives
+Setting ``use_tgmim=False, caption_masking="none"`` gives CoCa; also ``use_captioning=False`` gives
 CLIP.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
 
 from sycoca_jax.models import layers, masking
@@ -79,8 +80,8 @@ class SyCoCa(nn.Module):
     use_captioning: bool = True
     use_tgmim: bool = True
     score_mode: str = "max_sim"
-    ic_masking: str = "attentive"
-    ic_keep_ratio: float = 0.5
+    caption_masking: str = "attentive"
+    caption_keep_ratio: float = 0.5
     tgmim_masking: str = "attentive"
     tgmim_mask_ratio: float = 0.5
     branch_encoding: str = "reencode"
@@ -118,7 +119,7 @@ class SyCoCa(nn.Module):
             raise ValueError("the single pooler layout needs caption_queries >= 2")
         if self.use_tgmim and self.tgmim_masking == "none":
             raise ValueError("TG-MIM needs masked patches: tgmim_masking must not be 'none'")
-        for mode in (self.ic_masking, self.tgmim_masking):
+        for mode in (self.caption_masking, self.tgmim_masking):
             if mode not in masking.MASKING_MODES:
                 raise ValueError(
                     f"masking mode must be one of {masking.MASKING_MODES}, got {mode!r}"
@@ -300,7 +301,7 @@ class SyCoCa(nn.Module):
         }
 
         relevance = None
-        if (self.use_captioning and self.ic_masking == "attentive") or (
+        if (self.use_captioning and self.caption_masking == "attentive") or (
             self.use_tgmim and self.tgmim_masking == "attentive"
         ):
             relevance = masking.relevance_scores(
@@ -315,19 +316,19 @@ class SyCoCa(nn.Module):
 
         if self.use_captioning:
             scores = masking.masking_scores(
-                self.ic_masking,
+                self.caption_masking,
                 score_shape if relevance is None else relevance,
-                self.make_rng("masking") if self.ic_masking == "random" else None,
+                self.make_rng("masking") if self.caption_masking == "random" else None,
             )
-            ic_states = patch_states
+            kept_states = patch_states
             if scores is not None:
                 num_keep = masking.static_count(
-                    self.num_patches, self.ic_keep_ratio, "ic_keep_ratio"
+                    self.num_patches, self.caption_keep_ratio, "caption_keep_ratio"
                 )
-                ic_indices = masking.keep_most_relevant(scores, num_keep)
-                ic_states = self._branch_states(images, patch_states, ic_indices)
-                out["ic_indices"] = ic_indices
-            logits = self.multimodal_decoder(token_states, self.image_tokens(ic_states))
+                caption_indices = masking.keep_most_relevant(scores, num_keep)
+                kept_states = self._branch_states(images, patch_states, caption_indices)
+                out["caption_indices"] = caption_indices
+            logits = self.multimodal_decoder(token_states, self.image_tokens(kept_states))
             out["caption_logits"] = logits
             out["caption_targets"] = targets
             out["caption_weights"] = (targets != self.pad_id).astype(jnp.float32)
@@ -343,13 +344,13 @@ class SyCoCa(nn.Module):
             )
             visible, masked = masking.mask_most_relevant(scores, num_masked)
             visible_states = self._branch_states(images, patch_states, visible)
-            out["mim_prediction"] = self.tgmim_decoder(
+            out["tgmim_prediction"] = self.tgmim_decoder(
                 visible_states, visible, token_states, text_valid
             ).astype(jnp.float32)
-            out["mim_target"] = normalized_patch_targets(
+            out["tgmim_target"] = normalized_patch_targets(
                 images, self.patch_size, self.norm_pix_loss
             )
-            out["mim_mask"] = masking.indices_to_mask(masked, self.num_patches)
+            out["tgmim_mask"] = masking.indices_to_mask(masked, self.num_patches)
         return out
 
 
@@ -368,19 +369,39 @@ def init_decode_cache(model: SyCoCa, batch_size: int) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def from_config(model_config: Any) -> SyCoCa:
-    """``SyCoCa(**config.model)`` with an error that names unknown fields."""
-    fields = set(SyCoCa.__dataclass_fields__) - {"parent", "name"}
-    unknown = sorted(set(model_config.keys()) - fields)
+# Old spellings of model fields -> their names now (kept for one release; configs saved in
+# checkpoints before the rename still load).
+RENAMED_FIELDS = {"ic_masking": "caption_masking", "ic_keep_ratio": "caption_keep_ratio"}
+
+
+def model_fields(model_config: Any) -> dict[str, Any]:
+    """``config.model`` as SyCoCa's fields: old spellings (``RENAMED_FIELDS``) mapped to the new
+    ones with a deprecation warning (unset aliases dropped), unknown fields an error."""
+    fields = dict(model_config.items())
+    for old, new in RENAMED_FIELDS.items():
+        value = fields.pop(old, None)
+        if value is None:
+            continue
+        logging.warning(
+            "model.%s is deprecated; use model.%s (removed in the next release)", old, new
+        )
+        fields[new] = value
+    known = set(SyCoCa.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"unknown model config fields {unknown}; SyCoCa has {sorted(fields)}")
-    return SyCoCa(**{k: model_config[k] for k in model_config.keys()})
+        raise ValueError(f"unknown model config fields {unknown}; SyCoCa has {sorted(known)}")
+    return fields
+
+
+def from_config(model_config: Any) -> SyCoCa:
+    """``SyCoCa(**config.model)`` (see ``model_fields``)."""
+    return SyCoCa(**model_fields(model_config))
 
 
 # Top-level parameter collections -> the parts reported by tools (summary, inspect_checkpoint).
 PARAM_PARTS = {
     "image_encoder": "image_encoder",
-    "text_encoder": "text_decoder",
+    "text_encoder": "text_encoder",
     "multimodal_decoder": "multimodal_decoder",
     "caption_pooler": "poolers",
     "contrastive_pooler": "poolers",

@@ -104,7 +104,7 @@ def vqa_task(
                 out["qa_logits"], out["qa_targets"], weights.astype(jnp.float32)
             )
             total = total + caption_weight * ic
-            metrics.update({"loss/ic": ic, "accuracy/ic": ic_accuracy})
+            metrics.update({"loss/caption": ic, "accuracy/caption": ic_accuracy})
         metrics["loss"] = total
         return total, metrics
 

@@ -105,7 +105,7 @@ def test_scan_and_unrolled_layouts_compute_the_same(tiny_model, tiny_params, tin
 def _loss_grad(model, params, images, tokens):
     def loss(p):
         out = model.apply({"params": p}, images, tokens, rngs={"masking": jax.random.key(0)})
-        return jnp.sum(out["caption_logits"] ** 2) + jnp.sum(out["mim_prediction"] ** 2)
+        return jnp.sum(out["caption_logits"] ** 2) + jnp.sum(out["tgmim_prediction"] ** 2)
 
     return jax.jit(jax.grad(loss))(params)
 

@@ -90,15 +90,15 @@ def test_model_branches_select_in_the_right_direction(tiny_model, tiny_params, t
     )(tiny_params, images, tokens)
     relevance = np.asarray(out["relevance"])
     n = relevance.shape[1]
-    kept = np.asarray(out["ic_indices"])
-    mim_mask = np.asarray(out["mim_mask"])
-    assert kept.shape[1] == n // 2 and (mim_mask.sum(axis=1) == n // 2).all()
+    kept = np.asarray(out["caption_indices"])
+    tgmim_mask = np.asarray(out["tgmim_mask"])
+    assert kept.shape[1] == n // 2 and (tgmim_mask.sum(axis=1) == n // 2).all()
     for b in range(relevance.shape[0]):
         dropped = np.setdiff1d(np.arange(n), kept[b])
         # IC keeps the most relevant patches ...
         assert relevance[b, kept[b]].min() >= relevance[b, dropped].max()
         # ... TG-MIM hides the most relevant ones.
-        assert relevance[b, mim_mask[b]].min() >= relevance[b, ~mim_mask[b]].max()
+        assert relevance[b, tgmim_mask[b]].min() >= relevance[b, ~tgmim_mask[b]].max()
 
 
 def test_model_scores_do_not_depend_on_pad_tokens(tiny_model, tiny_params, tiny_inputs):
@@ -122,7 +122,7 @@ def test_random_masking_uses_the_rng(tiny_model_config, tiny_inputs):
     from sycoca_jax.models import sycoca
 
     m = tiny_model_config.copy_and_resolve_references()
-    m.ic_masking = m.tgmim_masking = "random"
+    m.caption_masking = m.tgmim_masking = "random"
     model = sycoca.from_config(m)
     images, tokens = tiny_inputs
     rngs = lambda seed: {"params": jax.random.key(0), "masking": jax.random.key(seed)}  # noqa: E731
@@ -135,5 +135,5 @@ def test_random_masking_uses_the_rng(tiny_model_config, tiny_inputs):
     )
     a, b = run(1), run(2)
     assert "relevance" not in a
-    assert not np.array_equal(a["ic_indices"], b["ic_indices"])
-    assert (np.asarray(a["mim_mask"]).sum(axis=1) == model.num_patches // 2).all()
+    assert not np.array_equal(a["caption_indices"], b["caption_indices"])
+    assert (np.asarray(a["tgmim_mask"]).sum(axis=1) == model.num_patches // 2).all()

@@ -33,9 +33,9 @@ def test_bfloat16_matches_float32(tiny_model_config, tiny_params, tiny_inputs):
         assert low[key].dtype == np.float32
         cos = np.sum(ref[key] * low[key], axis=-1)
         assert cos.min() > 0.995, (key, cos)
-    for key in ("caption_logits", "mim_prediction"):
+    for key in ("caption_logits", "tgmim_prediction"):
         err = np.abs(low[key].astype(np.float32) - ref[key]).max() / np.abs(ref[key]).max()
         assert err < 0.05, (key, err)
-    same = np.mean(np.asarray(low["mim_mask"]) == np.asarray(ref["mim_mask"]))
+    same = np.mean(np.asarray(low["tgmim_mask"]) == np.asarray(ref["tgmim_mask"]))
     assert same > 0.9, same
     assert np.allclose(low["temperature"], ref["temperature"])

@@ -45,13 +45,13 @@ def test_entry_point_shapes(size):
         "text_embedding": (b, e),
         "temperature": (),
         "relevance": (b, n),
-        "ic_indices": (b, n // 2),
+        "caption_indices": (b, n // 2),
         "caption_logits": (b, t, m.vocab_size),
         "caption_targets": (b, t),
         "caption_weights": (b, t),
-        "mim_prediction": (b, n, patch_dim),
-        "mim_target": (b, n, patch_dim),
-        "mim_mask": (b, n),
+        "tgmim_prediction": (b, n, patch_dim),
+        "tgmim_target": (b, n, patch_dim),
+        "tgmim_mask": (b, n),
     }
     assert s["image"] == {
         "embedding": (b, e),
@@ -74,9 +74,9 @@ def test_parameter_counts_match_reference_vits():
 @pytest.mark.parametrize(
     "objective, present, absent",
     [
-        ("sycoca", {"caption_logits", "mim_prediction", "relevance"}, set()),
-        ("coca", {"caption_logits"}, {"mim_prediction", "relevance", "ic_indices"}),
-        ("clip", set(), {"caption_logits", "mim_prediction", "relevance"}),
+        ("sycoca", {"caption_logits", "tgmim_prediction", "relevance"}, set()),
+        ("coca", {"caption_logits"}, {"tgmim_prediction", "relevance", "caption_indices"}),
+        ("clip", set(), {"caption_logits", "tgmim_prediction", "relevance"}),
     ],
 )
 def test_objective_presets(objective, present, absent):
@@ -105,13 +105,26 @@ def test_unknown_model_field_is_named():
         sycoca.from_config(m)
 
 
+def test_old_field_spellings_still_build_the_same_model():
+    """``ic_masking``/``ic_keep_ratio`` (renamed ``caption_*``) from the command line or from a
+    config saved in an old checkpoint map to the new fields."""
+    m = config_for("tiny").model
+    m.ic_masking, m.ic_keep_ratio = "random", 0.25
+    model = sycoca.from_config(m)
+    assert (model.caption_masking, model.caption_keep_ratio) == ("random", 0.25)
+    saved = config_for("tiny").model.to_dict()  # as an old checkpoint stores it
+    saved["ic_masking"] = saved.pop("caption_masking")
+    del saved["caption_keep_ratio"], saved["ic_keep_ratio"]
+    assert sycoca.from_config(saved).caption_masking == "attentive"
+
+
 def test_invalid_choices_fail_clearly(tiny_inputs):
     images, tokens = tiny_inputs
     for field, value, message in [
         ("pooler", "triple", "pooler must be one of"),
-        ("ic_masking", "sideways", "masking mode"),
+        ("caption_masking", "sideways", "masking mode"),
         ("tgmim_masking", "none", "TG-MIM needs masked patches"),
-        ("ic_keep_ratio", 1.0, "ic_keep_ratio"),
+        ("caption_keep_ratio", 1.0, "caption_keep_ratio"),
     ]:
         m = config_for("tiny").model
         m[field] = value

@@ -30,7 +30,7 @@ def test_summary_json_for_b16():
     assert params["total"] == sum(v for k, v in params.items() if k != "total")
     assert set(params) >= {
         "image_encoder",
-        "text_decoder",
+        "text_encoder",
         "multimodal_decoder",
         "poolers",
         "tgmim_decoder",

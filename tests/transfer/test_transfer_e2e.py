@@ -131,7 +131,7 @@ def test_vqa_with_caption_cotraining(pretrained, data_dir, tmp_path):
     assert train_split["accuracy"] > 2 * train_split["chance"]["most_frequent_answer"]
     assert train_split["chance"]["per_slot_prior"] > train_split["chance"]["uniform"]
     last = [r for r in read_metrics(workdir) if "loss" in r][-1]
-    assert {"loss/vqa", "loss/ic", "accuracy/vqa"} <= set(last)
+    assert {"loss/vqa", "loss/caption", "accuracy/vqa"} <= set(last)
 
 
 def test_question_states_are_what_the_vocabulary_projection_reads(pretrained):
@@ -166,7 +166,7 @@ def test_caption_finetune_config_starts_from_every_pretrained_part(pretrained, d
     config = load_config(f"{ROOT / 'configs' / 'caption_finetune.py'}:tiny")
     loss = config.loss
     assert loss.itc_weight == 0 and loss.caption_weight == 1 and loss.tgmim_weight == 0
-    assert not config.model.use_tgmim and config.model.ic_masking == "none"
+    assert not config.model.use_tgmim and config.model.caption_masking == "none"
     assert load_config(f"{ROOT / 'configs' / 'caption_finetune.py'}:itc_weight=0.1").loss.itc_weight
     config.data.name, config.data.data_dir = SMALL_NAME, data_dir
     for field in ("image_depth", "text_depth", "multimodal_depth"):
