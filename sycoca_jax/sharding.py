@@ -12,6 +12,7 @@ The mesh always has the axes ``("data", "fsdp", "tensor")``; the batch is split 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -163,6 +164,35 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a model runs: a mesh and its logical-axis rules. Training, transfer, evaluation and
+    the input pipeline all take one of these instead of carrying mesh and rules separately."""
+
+    mesh: Mesh
+    rules: Rules
+
+    @classmethod
+    def from_config(
+        cls, mesh_config: Any, devices: Sequence[jax.Device] | None = None
+    ) -> Placement:
+        """From ``config.mesh`` (``shape`` and ``rules``)."""
+        return cls(make_mesh(mesh_config.shape, devices), logical_rules(mesh_config.rules))
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """Leading (batch) dimension split over ``data × fsdp``."""
+        return batch_sharding(self.mesh)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    def context(self) -> contextlib.ExitStack:
+        """Mesh + rules, for tracing the model (see ``model_context``)."""
+        return model_context(self.mesh, self.rules)
 
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
