@@ -20,14 +20,15 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from sycoca_jax import binaries, train
+from sycoca_jax import binaries
+from sycoca_jax.train import pretrain
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     binaries.start()
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    pretrain.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def define_flags() -> None:
