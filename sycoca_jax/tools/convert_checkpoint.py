@@ -24,6 +24,7 @@ from etils import epath
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.models import convert, sycoca
+from sycoca_jax.transfer import towers
 
 LAYOUTS = {"scan": True, "unrolled": False}
 
@@ -51,20 +52,11 @@ def convert_checkpoint(
     target = epath.Path(out)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"--out={out} already exists and is not empty; give a new folder")
-    directory = ckpt.checkpoint_dir(checkpoint)
-    source = ckpt.Checkpointer(os.fspath(directory.parent), async_save=False)
-    try:
-        step = source.latest_step() if step is None else step
-        if step is None or step not in source.all_steps():
-            raise FileNotFoundError(
-                f"{directory} has no checkpoint at step {step} (steps: {list(source.all_steps())})"
-            )
-        config = ml_collections.ConfigDict(source.restore_config(step))
-    finally:
-        source.close()
-    params = ckpt.load_params(checkpoint, step=step)
+    source = towers.load_pretrained(checkpoint, step)  # the step and the config it was run with
+    config, step = source.config, source.step
+    params = ckpt.load_params(source.path, step=step)
     old_model = config.model.to_dict()
-    _check_fits(params, old_model, f"{directory}/{step} does not fit its own config's model")
+    _check_fits(params, old_model, f"{source.path}/{step} does not fit its own config's model")
     scan = None if layout is None else LAYOUTS[layout]
     params, new_model = convert.convert(params, old_model, scan, image_size, method)
     _check_fits(params, new_model, "the converted parameters do not fit the converted model")
@@ -78,7 +70,7 @@ def convert_checkpoint(
         writer.close()
     changed = {k: [old_model[k], new_model[k]] for k in ("scan", "image_size")}
     return {
-        "source": f"{directory}/{step}",
+        "source": f"{source.path}/{step}",
         "out": os.fspath(ckpt.checkpoint_dir(out) / str(step)),
         "changed": {k: v for k, v in changed.items() if v[0] != v[1]},
     }
