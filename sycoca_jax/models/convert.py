@@ -28,6 +28,10 @@ IMAGE_POSEMBS = (("image_encoder", "posemb"), ("tgmim_decoder", "posemb"))
 RESAMPLE_METHODS = ("bilinear", "bicubic")
 
 
+class ConversionError(ValueError):
+    """The parameters (or the requested size) cannot be converted as asked."""
+
+
 def _stack(leaves: list[Any]) -> Any:
     return jnp.stack(leaves) if isinstance(leaves[0], jax.Array) else np.stack(leaves)
 
@@ -50,7 +54,7 @@ def to_unrolled(params: Any) -> Any:
         stacked = params[SCANNED]
         depths = {x.shape[0] for x in jax.tree.leaves(stacked)}
         if len(depths) != 1:
-            raise ValueError(f"scanned blocks disagree on their layer count: {sorted(depths)}")
+            raise ConversionError(f"scanned blocks disagree on their layer count: {sorted(depths)}")
         (depth,) = depths
         return {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
     return {k: to_unrolled(v) for k, v in params.items()}
@@ -66,7 +70,7 @@ def to_scanned(params: Any) -> Any:
         blocks = [params[f"block_{i}"] for i in range(depth)]
         structures = {jax.tree.structure(b) for b in blocks}
         if len(structures) != 1:
-            raise ValueError("unrolled blocks differ in structure; they cannot share one scan")
+            raise ConversionError("unrolled blocks differ in structure; they cannot share one scan")
         return {SCANNED: jax.tree.map(lambda *xs: _stack(list(xs)), *blocks)}
     return {k: to_scanned(v) for k, v in params.items()}
 
@@ -88,7 +92,7 @@ def _resample_matrix(n: int, m: int, method: str) -> np.ndarray:
     constant and linear fields and the identity when m == n.
     """
     if method not in RESAMPLE_METHODS:
-        raise ValueError(f"resample method must be one of {RESAMPLE_METHODS}, got {method!r}")
+        raise ConversionError(f"resample method must be one of {RESAMPLE_METHODS}, got {method!r}")
     pad = 2
     extend = np.zeros((n + 2 * pad, n))  # old values -> old values padded by linear extension
     extend[pad : pad + n] = np.eye(n)
@@ -117,7 +121,7 @@ def resample_posemb(
     posemb = np.asarray(posemb)
     (gh, gw), (nh, nw) = old_grid, new_grid
     if posemb.ndim != 2 or posemb.shape[0] != gh * gw:
-        raise ValueError(
+        raise ConversionError(
             f"position embeddings of shape {posemb.shape} are not a {gh}x{gw} grid of vectors"
         )
     grid = posemb.astype(np.float64).reshape(gh, gw, -1)
@@ -141,8 +145,8 @@ def resample_image_posembs(
         table = out[module][posemb]["pos_embedding"]
         try:
             resampled = resample_posemb(table, old_grid, new_grid, method)
-        except ValueError as error:
-            raise ValueError(f"{module}/{posemb}/pos_embedding: {error}") from None
+        except ConversionError as error:
+            raise ConversionError(f"{module}/{posemb}/pos_embedding: {error}") from None
         out[module] = {**out[module], posemb: {**out[module][posemb], "pos_embedding": resampled}}
     return out
 
@@ -150,7 +154,7 @@ def resample_image_posembs(
 def image_grid(image_size: int, patch_size: int) -> tuple[int, int]:
     """The (square) patch grid of an image size, with a clear error when it does not divide."""
     if image_size <= 0 or image_size % patch_size:
-        raise ValueError(
+        raise ConversionError(
             f"image_size {image_size} must be a positive multiple of the patch size {patch_size}"
         )
     return (image_size // patch_size,) * 2

@@ -27,6 +27,12 @@ from sycoca_jax.models import convert, sycoca
 from sycoca_jax.transfer import towers
 
 LAYOUTS = {"scan": True, "unrolled": False}
+EXPECTED_ERRORS = (
+    FileExistsError,
+    FileNotFoundError,
+    ckpt.IncompatibleCheckpointError,
+    convert.ConversionError,
+)
 
 
 def _check_fits(params: Any, model_fields: dict[str, Any], what: str) -> None:
@@ -80,9 +86,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    summary = convert_checkpoint(
-        f.checkpoint, f.out, f.layout, f.image_size, method=f.resample, step=f.step
-    )
+    try:
+        summary = convert_checkpoint(
+            f.checkpoint, f.out, f.layout, f.image_size, method=f.resample, step=f.step
+        )
+    except EXPECTED_ERRORS as error:  # bad input: one line, no traceback
+        raise SystemExit(f"convert_checkpoint: {error}") from None
     print(json.dumps(summary, indent=2))
 
 

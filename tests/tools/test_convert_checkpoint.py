@@ -95,3 +95,6 @@ def test_command_line(source, tmp_path):
     config = ml_collections.ConfigDict(stored.restore_config(STEP))
     stored.close()
     assert (config.model.image_size, config.model.scan) == (128, False)
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 1
+    assert "not empty; give a new folder" in again.stderr and "Traceback" not in again.stderr
