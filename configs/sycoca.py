@@ -104,7 +104,7 @@ SIZES = {
     },
 }
 
-# Defaults shared by every non-tiny size (tiny overrides some of them).
+# Defaults of every non-tiny size (tiny spells out its own values in SIZES).
 LARGE_DEFAULTS = dict(
     vocab_size=64_000,
     max_text_len=76,
