@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax.data import pipeline, prepare, sources
+from sycoca_jax.data import converter, pipeline, sources
 from sycoca_jax.data.tokenizer import bundled_model_path
 from sycoca_jax.metrics import read_metrics
 from tests.helpers import ROOT, SMALL_NAME, config_for
@@ -61,8 +61,8 @@ def pairs_data_dir(data_dir, tmp_path_factory) -> str:
         rows.append(json.dumps({"image": str(image), "caption": spec.captions(record)[0]}))
     (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
     out = str(root / "tfds")
-    options = prepare.ConversionOptions(min_image_size=16)
-    summary = prepare.convert_local({"train": str(root / "pairs.jsonl")}, name=PAIRS,
+    options = converter.ConversionOptions(min_image_size=16)
+    summary = converter.convert_local({"train": str(root / "pairs.jsonl")}, name=PAIRS,
                                     data_dir=out, options=options)  # fmt: skip
     assert summary["written"] == len(source)
     return out

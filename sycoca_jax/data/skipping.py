@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 # Index of each reason in the per-example count vectors; conversion uses the same names.
-SKIP_REASONS = ("undecodable_image", "image_too_small", "empty_caption")
+SKIP_REASONS = ("undecodable_image", "image_too_small", "empty_caption", "image_too_large")
 SKIPPED_KEY = "skipped"  # per-example counts, shape (len(SKIP_REASONS),)
 
 
