@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sycoca_jax.data import stream
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -26,7 +28,7 @@ class IncompatibleCheckpointError(ValueError):
 def _handlers() -> dict[str, Any]:
     return {
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": stream.DataStateHandler(),  # grain's, resumable on another process count
         "config": ocp.JsonCheckpointHandler(),
     }
 
