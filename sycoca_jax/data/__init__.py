@@ -7,7 +7,9 @@
   images.py          image decoding: every PIL mode to 8-bit RGB, size limits, crop + resize
   transforms.py      per-record grain transforms (image, caption, tokens, label, eval masks)
   vqa_transforms.py  VQA's per-record step (question tokens, answer targets)
-  skipping.py        bad records at load time: dropped, counted, carried in the stream
+  skipping.py        bad records at load time: replaced, counted, carried in the stream
+  stream.py          the training stream: global positions, per-record randomness, any layout
+  iterator_state.py  the checkpointed data-iterator state, restorable on another process count
   pipeline.py        train/eval pipelines, per-process slicing, global arrays
   task_pipelines.py  labelled pipelines for transfer (classification, VQA)
   vqa_answers.py     VQA answer normalisation, answer vocabulary, VQA accuracy

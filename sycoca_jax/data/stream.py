@@ -10,22 +10,19 @@ Global batch ``s`` is positions ``[s*B, (s+1)*B)``; process ``p`` of ``P`` reads
 ``[p*b, (p+1)*b)`` of it (``b = B / P``), the rows its devices hold in the global array. So
 2 processes x 4 devices train on exactly the batches of 1 x 8, and the reading position is one
 number, ``s*B`` examples: a state saved by any number of processes resumes on any other
-(``resume_state`` merges the saved per-process states; ``DataStateHandler`` reads them).
+(``SkipCountingIterator.resume_state`` merges the saved per-process states;
+``iterator_state.DataStateHandler`` reads them from a checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
-from absl import flags, logging
-from etils import epath
+from absl import flags
 from grain import experimental as grain_experimental
 
 from sycoca_jax.data.skipping import (
@@ -264,50 +261,3 @@ class StreamIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"StreamIterator(step={self._step})"
-
-
-_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
-
-
-class DataStateHandler(grain.checkpoint.CheckpointHandler):
-    """grain's Orbax handler (one ``process_<i>-of-<n>.json`` per process), which also restores
-    a state saved by another number of processes: the iterator merges them
-    (``resume_state(saved_states, process_index, process_count)``)."""
-
-    def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
-        item = item or args.item
-        index, count = jax.process_index(), jax.process_count()
-        directory = epath.Path(directory)
-        if (directory / f"process_{index}-of-{count}.json").exists():
-            return super().restore(directory, item=item)
-        saved = _saved_states(directory)
-        merge = getattr(item, "resume_state", None)
-        if merge is None:
-            raise ValueError(
-                f"the data-iterator state in {directory} was saved by {len(saved)} processes and "
-                f"this iterator cannot be resumed on {count}; resume on {len(saved)} processes"
-            )
-        logging.info("data stream: resuming a state saved by %d processes on %d", len(saved), count)
-        item.set_state(merge(saved, index, count))
-        item.start_prefetch()
-        return item
-
-
-def _saved_states(directory: epath.Path) -> list[dict[str, Any]]:
-    """Every process's saved state, in process order; one line when they are incomplete."""
-    found: dict[int, dict[int, epath.Path]] = {}
-    for path in directory.iterdir():
-        if match := _STATE_FILE.fullmatch(path.name):
-            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
-    if len(found) != 1:
-        raise ValueError(
-            f"{directory} holds data-iterator states of {sorted(found) or 'no'} process counts; "
-            "expected the files of exactly one (process_<i>-of-<n>.json)"
-        )
-    [(count, files)] = found.items()
-    if sorted(files) != list(range(count)):
-        raise ValueError(
-            f"{directory} lacks the data-iterator state of processes "
-            f"{sorted(set(range(count)) - set(files))} of {count}"
-        )
-    return [json.loads(files[i].read_text()) for i in range(count)]

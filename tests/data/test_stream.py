@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from sycoca_jax.data import pipeline, sources, stream, tokenizer
+from sycoca_jax.data import iterator_state, pipeline, sources, stream, tokenizer
 from sycoca_jax.data.skipping import SKIP_REASONS, SkipCountingIterator
 from tests.data.test_pipeline import _bad_positions, _BrokenSource
 
@@ -150,10 +150,12 @@ def test_handler_merges_the_files_of_another_process_count(broken, bundled, tmp_
     for index, state in enumerate(_saved(pair)):
         (tmp_path / f"process_{index}-of-2.json").write_text(json.dumps(state))
     iterator = _iterator(broken, bundled)
-    stream.DataStateHandler().restore(tmp_path, item=iterator)  # this test runs as 1 process
+    iterator_state.DataStateHandler().restore(
+        tmp_path, item=iterator
+    )  # this test runs as 1 process
     assert iterator.get_state()["pipeline"] == {"position": 3 * GLOBAL_BATCH}
     assert iterator.stats.examples == 3 * GLOBAL_BATCH
     iterator.close()
     (tmp_path / "process_1-of-2.json").unlink()
     with pytest.raises(ValueError, match=r"lacks the data-iterator state of processes \[1\]"):
-        stream.DataStateHandler().restore(tmp_path, item=_iterator(broken, bundled))
+        iterator_state.DataStateHandler().restore(tmp_path, item=_iterator(broken, bundled))
