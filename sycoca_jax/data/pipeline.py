@@ -85,6 +85,7 @@ def augmented_batches(
     ``prefetch``.
     """
     index, count = process_slice(process_index, process_count)
+    per_process_batch_size(global_batch_size, count)  # checks that it divides
     steps = [
         transforms.TrainImage(spec, image_size, crop_scale, min_image_size),
         *record_steps,

@@ -34,7 +34,7 @@ from sycoca_jax.data.skipping import (
 
 PREFETCH_KINDS = ("thread", "process")
 MAX_ATTEMPTS = 1000  # records tried for one position before the data is declared broken
-_ENDLESS_STEPS = 2**48  # "forever" in global batches
+_ENDLESS_STEPS = 2**40  # "forever", in global batches
 # Purposes of the random generators, so that no two uses share a stream.
 _ORDER, _REPLACE, _STEP = 1, 2, 3
 
@@ -45,23 +45,12 @@ def _generator(*key: int) -> np.random.Generator:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Which rows of each global batch this process reads."""
+    """Which rows of each global batch this process reads (``pipeline.process_slice`` and
+    ``pipeline.per_process_batch_size`` check the numbers)."""
 
     global_batch_size: int
     process_index: int = 0
     process_count: int = 1
-
-    def __post_init__(self):
-        if self.process_count < 1 or not 0 <= self.process_index < self.process_count:
-            raise ValueError(
-                f"bad process slice: index {self.process_index} of {self.process_count} processes"
-            )
-        if self.global_batch_size < 1 or self.global_batch_size % self.process_count:
-            raise ValueError(
-                f"the global batch size {self.global_batch_size} does not divide evenly over "
-                f"{self.process_count} processes; set config.batch_size to a multiple of "
-                f"{self.process_count}"
-            )
 
     @property
     def batch_size(self) -> int:
@@ -172,8 +161,10 @@ class TrainStream(grain.IterDataset):
         self.layout, self.reading = layout, reading
         self.order = Order(len(source), seed)
         self._example = ExampleAt(source, steps, self.order, layout)
-        total = _ENDLESS_STEPS if num_epochs is None else num_epochs * len(source)
-        self.num_steps = total if num_epochs is None else total // layout.global_batch_size
+        if num_epochs is None:
+            self.num_steps = _ENDLESS_STEPS
+        else:  # global batches; the last, partial one is dropped
+            self.num_steps = num_epochs * len(source) // layout.global_batch_size
 
     def batches(self, start_step: int) -> grain.IterDataset:
         """The grain pipeline of this process's batches from global batch ``start_step`` on."""
@@ -188,7 +179,7 @@ class TrainStream(grain.IterDataset):
             options = grain.MultiprocessingOptions(
                 num_workers=reading.num_workers, per_worker_buffer_size=reading.buffer_size
             )
-            # Whole batches per worker, collected round-robin: the order is the workers'-free one.
+            # Whole batches per worker, collected round-robin: the order ignores num_workers.
             return examples.batch(b).to_iter_dataset().mp_prefetch(options)
         threads = reading.num_workers
         read_options = grain.ReadOptions(

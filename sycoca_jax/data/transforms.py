@@ -4,7 +4,7 @@ Records flow as dicts: the raw TFDS record, with each transform adding its outpu
 replaces the encoded image, ``tokens``, ``label``, ...) and ``SelectKeys`` keeping only the
 outputs at the end. A transform raises ``BadRecord(reason)`` on a record it cannot use; the base
 classes turn it into a ``SkippedRecord`` that later transforms pass through untouched, so the
-pipeline decides once what to do with it (drop and count when training, mask when evaluating).
+pipeline decides once what to do with it (replace and count when training, mask when evaluating).
 
 Task-specific steps are small transforms of this kind in their own modules (``vqa_transforms``).
 """
@@ -114,7 +114,8 @@ class EvalImage(RecordMap):
 
 
 class SampleCaption(RecordRandomMap):
-    """One non-empty caption, drawn anew for every epoch (the rng is per index and epoch)."""
+    """One non-empty caption, drawn anew for every epoch (the stream seeds the rng with the
+    record and the epoch)."""
 
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
