@@ -82,8 +82,7 @@ def _evaluator(setup: TrainSetup, workdir: str, writer: MetricWriter) -> loop.Ev
 
 def eval_context(setup: TrainSetup, params: Any) -> EvalContext:
     """The evaluators' view of the model being trained."""
-    placement = setup.placement
-    return EvalContext(setup.model, params, setup.config, placement.mesh, placement.rules)
+    return EvalContext.for_model(setup.model, params, setup.config, setup.placement)
 
 
 def validation_metrics(setup: TrainSetup, eval_step: Callable, params: Any) -> dict[str, float]:
