@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +23,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def _handlers() -> dict[str, Any]:
+    import grain  # only where used: a bare accelerator host (tools.benchmark) has no grain
+
     return {
         "state": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
@@ -89,6 +90,8 @@ class Checkpointer:
     ) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
@@ -108,6 +111,8 @@ class Checkpointer:
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 

@@ -30,9 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import durations, flops, hardware, losses, optim, sharding
-from sycoca_jax.evaluation import registry
-from sycoca_jax.evaluation.common import EvalContext
-from sycoca_jax.metrics import MetricWriter
 from sycoca_jax.models import sycoca
 
 State = dict[str, Any]
@@ -437,7 +434,12 @@ def transfer_init(setup: TrainSetup, state: State, path: str, subtrees: tuple[st
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
     logged metrics."""
+    # Imported here, not at the top: the setup and step above run on a bare accelerator host
+    # (tools.benchmark), which has no grain, tfds, sentencepiece or tensorboardX.
     from sycoca_jax.data import pipeline
+    from sycoca_jax.evaluation import registry
+    from sycoca_jax.evaluation.common import EvalContext
+    from sycoca_jax.metrics import MetricWriter
 
     for name in config.evals.keys():
         registry.resolve(config, name)  # a bad eval entry fails now, not after hours of training

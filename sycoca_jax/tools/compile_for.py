@@ -9,6 +9,12 @@ on the real slice, and ``memory_analysis()`` gives the per-device bytes. ``--top
 Cloud name of a slice (``v4-32``, ``v5e-64``/``v5litepod-64``, ``v5p-128``, ``v6e-256``) or
 libtpu's form (``v5p:4x4x4``).
 
+On paper, it also reports the compiled step's FLOPs and HBM bytes per chip (XLA's cost
+analysis), the roofline lower bound on the step time from the chip's peak FLOP/s and bandwidth
+(``sycoca_jax.hardware``), and the MFU ceiling that bound implies (``sycoca_jax.tools.roofline``).
+``--contrastive_batch=65536`` compiles only the contrastive loss at that batch and reports whether
+its B×B logits are split over the chips.
+
 Needs the TPU compiler, which ships in the ``libtpu`` package (``pip install -e '.[tpu]'``; it
 runs on CPU-only hosts too). Without it the tool says so and exits with status 2. Exit status 0:
 compiled and fits; 1: does not fit the chip's memory; 3: a bad --topology or config; 4: the TPU
@@ -37,7 +43,8 @@ from absl import app, flags, logging
 from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
-from sycoca_jax import sharding, train
+from sycoca_jax import flops, hardware, sharding, train
+from sycoca_jax.tools import roofline
 
 NOMINAL_TRAIN_EXAMPLES = 10_000_000
 EXIT_FITS, EXIT_TOO_BIG, EXIT_NO_TPU_COMPILER, EXIT_BAD_INPUT, EXIT_COMPILER_CRASHED = 0, 1, 2, 3, 4
@@ -50,21 +57,21 @@ class TpuCompilerUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """What differs between TPU generations for compiling: the slice's shape rank, whether the
-    Cloud name counts TensorCores (2 per chip) or chips, and the HBM per chip."""
+    """What differs between TPU generations for compiling: the slice's shape rank and whether the
+    Cloud name counts TensorCores (2 per chip) or chips. (Per-chip FLOP/s, HBM size and bandwidth
+    are in ``sycoca_jax.hardware.CHIPS``.)"""
 
     libtpu_name: str
     rank: int
     cores_per_chip_in_name: int
     chip_config: str  # "megacore": one JAX device per chip from two TensorCores
-    hbm_gib: float
 
 
 GENERATIONS = {
-    "v4": Generation("v4", 3, 2, "megacore", 32.0),
-    "v5p": Generation("v5p", 3, 2, "megacore", 95.0),
-    "v5e": Generation("v5e", 2, 1, "default", 16.0),
-    "v6e": Generation("v6e", 2, 1, "default", 32.0),
+    "v4": Generation("v4", 3, 2, "megacore"),
+    "v5p": Generation("v5p", 3, 2, "megacore"),
+    "v5e": Generation("v5e", 2, 1, "default"),
+    "v6e": Generation("v6e", 2, 1, "default"),
 }
 ALIASES = {"v5litepod": "v5e", "v5": "v5p", "v6": "v6e"}
 
@@ -77,7 +84,14 @@ class TpuTarget:
     generation: str
     shape: tuple[int, ...]  # chips along each axis of the slice
     chip_config: str
-    hbm_gib: float
+
+    @property
+    def chip(self) -> hardware.ChipSpec:
+        return hardware.CHIPS[self.generation]
+
+    @property
+    def hbm_gib(self) -> float:
+        return self.chip.hbm_gib
 
     @property
     def chips(self) -> int:
@@ -162,7 +176,7 @@ def parse_topology(name: str) -> TpuTarget:
                 f"{'TensorCores' if gen.cores_per_chip_in_name == 2 else 'chips'}; give its "
                 f"shape instead, e.g. {gen.libtpu_name}:{'x'.join(['4'] * gen.rank)}"
             )
-    return TpuTarget(name, generation, shape, gen.chip_config, gen.hbm_gib)
+    return TpuTarget(name, generation, shape, gen.chip_config)
 
 
 # ------------------------------------------------------------------------------- the compiler
@@ -291,12 +305,26 @@ def compile_for(config: Any, target: TpuTarget) -> dict[str, Any]:
     )
     report["peak_gib"] = _gib(peak)
     report["fits"] = peak <= target.hbm_gib * 2**30
+    analytic = flops.train_flops_per_example(config.model) * config.batch_size / len(devices)
+    report.update(roofline.step_cost(compiled, analytic, target.chip, bool(config.model.scan)))
+    return report
+
+
+def compile_contrastive_for(config: Any, target: TpuTarget, batch_size: int) -> dict[str, Any]:
+    """The contrastive loss alone at ``batch_size`` on ``target`` (see
+    ``roofline.contrastive_loss_memory``): is the B×B logits matrix split over the chips?"""
+    devices = target_devices(target)
+    mesh = target_mesh(config.mesh.shape, devices)
+    sharding.check_batch_size(batch_size, mesh)
+    report = {"topology": target.name, "mesh": dict(mesh.shape)}
+    rules = sharding.logical_rules(config.mesh.rules)
+    report.update(roofline.contrastive_loss_memory(mesh, rules, batch_size, config.model.embed_dim))
     return report
 
 
 def _print(report: dict[str, Any]) -> None:
     for key, value in report.items():
-        print(f"{key:<22}{value}")
+        print(f"{key:<28}{value}")
     if report.get("fits") is False:
         print(
             f"does not fit: {report['topology']} has {report['hbm_gib']} GiB per device. Try "
@@ -346,7 +374,12 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
     try:
         target = parse_topology(flags.FLAGS.topology)
-        report = compile_for(flags.FLAGS.config, target)
+        if flags.FLAGS.contrastive_batch:
+            report = compile_contrastive_for(
+                flags.FLAGS.config, target, flags.FLAGS.contrastive_batch
+            )
+        else:
+            report = compile_for(flags.FLAGS.config, target)
     except TpuCompilerUnavailable as e:
         print(f"compile_for: {e}", file=sys.stderr)
         sys.exit(EXIT_NO_TPU_COMPILER)
@@ -365,6 +398,12 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice: v4-32, v5e-64, v5p-128, v5p:4x4x4, ...")
     flags.DEFINE_bool("json", False, "Print one JSON object.")
+    flags.DEFINE_integer(
+        "contrastive_batch",
+        0,
+        "Compile only the contrastive loss at this global batch (e.g. CoCa's 65536) and report "
+        "its per-device memory against the full B×B logits.",
+    )
     flags.mark_flags_as_required(["config", "topology"])
 
 
