@@ -321,7 +321,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = args.objective
     config.model = model_config(args.size, args.objective)
     config.loss = ml_collections.ConfigDict(
-        dict(**OBJECTIVES[args.objective]["loss"], label_smoothing=0.0)
+        dict(
+            **OBJECTIVES[args.objective]["loss"],
+            label_smoothing=0.0,
+            caption_chunk_len=8,  # positions per chunk of the caption loss (losses.py); 0: all
+        )
     )
     config.data = data_config(args.data)
     config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes
