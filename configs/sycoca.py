@@ -109,6 +109,9 @@ LARGE_DEFAULTS = dict(
     decoder_mlp_dim=2048,
     dtype="bfloat16",
     scan=True,
+    # cuDNN flash attention on GPUs, splash attention on TPUs where shapes allow, else XLA
+    # (sycoca_jax.models.attention.choose).
+    attention_impl="auto",
 )
 
 OBJECTIVES = {
