@@ -310,6 +310,9 @@ def train_fields(size: str, data: str) -> dict:
         checkpoint_every_steps=500 if tiny else 2000,
         keep_checkpoints=3,
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Persistent compilation cache (local or gs://); unset: $JAX_COMPILATION_CACHE_DIR, which
+        # the launchers set, else none.
+        compilation_cache_dir=placeholder(str),
         # Transfer init: copy these parameter subtrees from a checkpoint before training.
         init=ml_collections.ConfigDict(
             dict(checkpoint=placeholder(str), subtrees=("image_encoder",))

@@ -60,7 +60,8 @@ def synthetic_batch(config: Any, batch_sharding: Any, seed: int = 0) -> dict[str
 
 # ------------------------------------------------------------------------------------ sweeps
 def parse_sweep(text: str) -> list[dict[str, str]]:
-    """``'a=1,2;b.c=x'`` -> every combination: ``[{a: 1, b.c: x}, {a: 2, b.c: x}]``."""
+    """``'a=1,2;b.c=x'`` -> every combination: ``[{a: 1, b.c: x}, {a: 2, b.c: x}]``; an empty
+    sweep is one point with no overrides."""
     axes = []
     for part in filter(None, (p.strip() for p in (text or "").split(";"))):
         key, sep, values = part.partition("=")
@@ -269,7 +270,7 @@ def main(argv: list[str]) -> None:
             print(f"{key:<28}{value}")
         return
     try:
-        points = parse_sweep(f.sweep) or [{}]
+        points = parse_sweep(f.sweep)
         for point in points:  # a typo fails before the first compile, not after an hour
             apply_point(f.config, point)
     except ValueError as e:
