@@ -8,9 +8,9 @@ r"""Steady-state training-step speed of a config on the devices present, on synt
 One JSON line per point of the sweep (every combination of the listed values; one point without
 ``--sweep``), each compiled once: compile seconds, step milliseconds, samples/s, TFLOP/s and MFU
 per device from the analytic FLOP count (``sycoca_jax.flops``; MFU is null where the chip's peak
-is unknown, e.g. on CPUs), the compiled program's memory (``memory_analysis``) and the device's
-peak so far (``memory_stats``, where the backend reports it), and the attentive-masking share:
-the masking computation (relevance scores, top-k, gathers) jitted alone on the same shapes and
+is unknown, e.g. on CPUs), the compiled program's memory (``memory_analysis``: temporaries, and
+with the state and batch the program's peak), the device's peak so far (``memory_stats``, where
+the backend reports it), and the attentive-masking share: the masking computation (relevance scores, top-k, gathers) jitted alone on the same shapes and
 timed in the same run, divided by the step time. A point that fails (out of memory, a kernel that
 does not support the shapes) prints its error and the sweep goes on; the exit status is then 1.
 
@@ -213,10 +213,10 @@ def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
     flops_per_step = flops.train_flops_per_example(config.model) * config.batch_size
     tflops = flops_per_step / seconds / mesh.size / 1e12
     peak = hardware.peak_flops_per_device()
-    memory = {k: report.get(k) for k in ("argument_gib", "output_gib", "temp_gib")}
-    compiled_gib = None
-    if None not in memory.values():
-        compiled_gib = memory["argument_gib"] + memory["output_gib"] + memory["temp_gib"]
+    argument, temp = report.get("argument_gib"), report.get("temp_gib")
+    # The new state is written over the donated old one, so arguments + temporaries is the
+    # program's peak (the metrics it returns are a few scalars).
+    compiled_peak = None if argument is None or temp is None else argument + temp
     return {
         "device": jax.devices()[0].device_kind,
         "num_devices": mesh.size,
@@ -228,8 +228,8 @@ def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
         "tflops_per_device": round(tflops, 4),
         "mfu": None if peak is None else round(tflops * 1e12 / peak, 4),
         "analytic_gflop_per_sample": round(flops_per_step / config.batch_size / 1e9, 3),
-        "temp_gib": memory["temp_gib"],
-        "compiled_gib": compiled_gib,
+        "temp_gib": None if temp is None else round(temp, 3),
+        "compiled_peak_gib": None if compiled_peak is None else round(compiled_peak, 3),
         "device_peak_gib": device_peak_gib(),
         "masking_ms": None if masking_s is None else round(masking_s * 1e3, 3),
         "masking_share": None if masking_s is None else round(masking_s / seconds, 4),
