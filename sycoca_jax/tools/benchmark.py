@@ -10,8 +10,9 @@ One JSON line per point of the sweep (every combination of the listed values; on
 per device from the analytic FLOP count (``sycoca_jax.flops``; MFU is null where the chip's peak
 is unknown, e.g. on CPUs), the compiled program's memory (``memory_analysis``: temporaries, and
 with the state and batch the program's peak), the device's peak so far (``memory_stats``, where
-the backend reports it), and the attentive-masking share: the masking computation (relevance scores, top-k, gathers) jitted alone on the same shapes and
-timed in the same run, divided by the step time. A point that fails (out of memory, a kernel that
+the backend reports it), and the attentive-masking share: the masking computation (relevance
+scores, top-k, gathers) jitted alone on the same shapes and timed in the same run, divided by the
+step time. A point that fails (out of memory, a kernel that
 does not support the shapes) prints its error and the sweep goes on; the exit status is then 1.
 
 Imports only jax, flax, optax, orbax, ml_collections, absl and numpy, so it runs on a bare
