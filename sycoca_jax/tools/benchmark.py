@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from sycoca_jax import flops, hardware, sharding, train
 from sycoca_jax.models import masking, sycoca, vit
 from sycoca_jax.models.text import caption_input_and_target
+from sycoca_jax.tools.compile_for import NOMINAL_TRAIN_EXAMPLES
 
 
 def synthetic_batch(config: Any, batch_sharding: Any, seed: int = 0) -> dict[str, jax.Array]:
@@ -190,10 +191,16 @@ def device_peak_gib() -> float | None:
     return max(peaks) / 2**30 if peaks and None not in peaks else None
 
 
+def make_setup(config: Any, mesh: Any) -> train.TrainSetup:
+    """The run's setup with a nominal dataset size: epoch-based durations (every size but tiny)
+    only set the schedule's length, never the compiled step."""
+    return train.make_setup(config, mesh, num_train_examples=NOMINAL_TRAIN_EXAMPLES)
+
+
 def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Compile ``config``'s train step once and time it on one synthetic batch."""
     mesh = sharding.make_mesh(config.mesh.shape)
-    setup = train.make_setup(config, mesh, num_train_examples=None)
+    setup = make_setup(config, mesh)
     state = train.initial_state(setup, config.seed)
     compiled, report = train.compile_train_step(setup)
     batch = synthetic_batch(config, setup.batch_sharding)

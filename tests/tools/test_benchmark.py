@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from sycoca_jax import sharding
+from sycoca_jax.config_args import load_config
 from sycoca_jax.models import sycoca, vit
 from sycoca_jax.tools import benchmark
 from tests.helpers import ROOT, config_for
@@ -108,6 +110,21 @@ def test_points_override_typed_fields_and_unknown_keys_fail():
         benchmark.apply_point(config, {"model.remats": "dots"})
     with pytest.raises(ValueError, match="true or false"):
         benchmark.apply_point(config, {"model.scan": "maybe"})
+
+
+@pytest.mark.parametrize("preset", ["openclip_b32", "b16"])
+def test_presets_set_up_whatever_their_duration_unit(preset):
+    """The benchmark presets (epoch-based durations, no dataset at hand) build their setup; the
+    open_clip preset has open_clip's parameter shapes."""
+    config = load_config(f"{ROOT / 'configs' / 'benchmark.py'}:{preset}")
+    assert config.total_epochs and config.total_steps is None
+    setup = benchmark.make_setup(config, sharding.make_mesh((-1, 1, 1)))
+    assert setup.total_steps > 0
+    params = setup.abstract_state["params"]
+    if preset == "openclip_b32":
+        assert params["text_encoder"]["token_embedding"]["embedding"].shape == (49408, 512)
+        assert params["caption_pooler"]["queries"].shape == (256, 512)
+        assert "contrastive_pooler" not in params  # open_clip's single pooler
 
 
 def test_timed_masking_selects_what_the_model_selects(tiny_model, tiny_params, tiny_inputs):
