@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
 from flax import struct
 from jax.sharding import PartitionSpec
@@ -231,7 +232,15 @@ def dot_product_attention(
     ``jax`` (``jax.nn.dot_product_attention``'s default)."""
     chosen = choose(implementation, query, key, mask)
     if chosen == "cudnn":
-        return _cudnn(query, key, value, mask)
+        try:
+            return _cudnn(query, key, value, mask)
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            if implementation != "auto":
+                raise
+            # jax checks cuDNN's limits (its version, the GPU, the shapes) while tracing; under
+            # ``auto`` a refusal falls back to XLA for this call instead of failing the run.
+            logging.warning("cuDNN attention refused %s: %s; using XLA", query.shape, e)
+            chosen = "xla"
     if chosen == "splash":  # interpreted (slowly, exactly) off TPU: for tests on CPU
         return _splash(query, key, value, mask, interpret or _platform() != "tpu")
     dense = _dense(mask, query.shape[1], key.shape[1])

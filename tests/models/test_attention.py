@@ -124,6 +124,23 @@ def test_auto_picks_what_the_platform_supports(
     assert attention.choose("auto", q, k, MASKS[mask_name](2, t, s)) == expected
 
 
+def test_auto_falls_back_to_xla_when_cudnn_refuses_while_tracing(monkeypatch):
+    """On this CPU the cuDNN call itself refuses (no cuDNN): ``auto`` computes with XLA instead,
+    an explicit ``cudnn`` raises."""
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(t=16, s=16))
+    mask = AttentionMask(causal=True)
+    assert attention.choose("auto", q, k, mask) == "cudnn"
+    out = attention.dot_product_attention(q, k, v, mask, "auto")
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32),
+        np.asarray(attention.dot_product_attention(q, k, v, mask, "xla"), np.float32),
+        atol=1e-2,
+    )
+    with pytest.raises((NotImplementedError, ValueError, RuntimeError)):
+        attention.dot_product_attention(q, k, v, mask, "cudnn")
+
+
 def test_dense_masks_take_the_xla_path_and_bad_names_fail(monkeypatch):
     monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     q = jax.ShapeDtypeStruct((1, 1, 8, 64), jnp.bfloat16)
