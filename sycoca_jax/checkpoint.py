@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sycoca_jax.data import iterator_state
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -23,11 +25,9 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def _handlers() -> dict[str, Any]:
-    import grain  # only where used: a bare accelerator host (tools.benchmark) has no grain
-
     return {
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": iterator_state.DataStateHandler(),  # grain's, resumable on another layout
         "config": ocp.JsonCheckpointHandler(),
     }
 
@@ -90,9 +90,7 @@ class Checkpointer:
     ) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            import grain
-
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = iterator_state.DataStateSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
                 config.to_dict() if hasattr(config, "to_dict") else config
@@ -111,9 +109,7 @@ class Checkpointer:
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            import grain
-
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = iterator_state.DataStateRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def restore_config(self, step: int) -> dict[str, Any]:
