@@ -22,7 +22,6 @@ from sycoca_jax.data.skipping import BadRecord, SkippedRecord
 from sycoca_jax.data.sources import DatasetSpec
 from sycoca_jax.data.tokenizer import Tokenizer
 
-
 Record = dict[str, Any]
 
 
