@@ -128,6 +128,7 @@ def eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     min_image_size: int = 1,
+    subsets: Sequence[str] = (),
 ) -> grain.MapDataset:
     """Batches for evaluation; ``len()`` is the number of batches (equal on every process).
 
@@ -136,7 +137,8 @@ def eval_dataset(
     it before ``make_global_batch``), ``caption_mask``; ``classification``: ``image``,
     ``label`` (b,) i32; ``validation``: ``image``, ``tokens`` (b, L+1) from the first caption.
     All of them have ``mask`` (b,) bool, False for padding and bad records, and ``index`` (b,)
-    i32, each row's position in the split (-1 for padding).
+    i32, each row's position in the split (-1 for padding); and each boolean record feature named
+    in ``subsets`` (e.g. ``compositional``) as (b,) bool, False for padding.
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
@@ -166,6 +168,7 @@ def eval_dataset(
     else:
         steps.append(transforms.Label(spec))
         placeholder["label"] = np.int32(0)
+    placeholder.update({key: np.bool_(False) for key in subsets})
     steps.append(transforms.SelectKeys(tuple(placeholder)))
 
     return padded_eval_batches(source, steps, placeholder, index, count, batch_size)
@@ -270,9 +273,11 @@ def make_eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     source: Sequence[Any] | None = None,
+    subsets: Sequence[str] = (),
 ) -> grain.MapDataset:
     """Evaluation batches of ``name`` (default ``config.data.name``) ``split`` (default
-    ``config.data.eval_split``), preprocessed as ``config`` says; see ``eval_dataset``."""
+    ``config.data.eval_split``), preprocessed as ``config`` says; see ``eval_dataset``. Of the
+    boolean features ``subsets``, those the records have are carried into the batches."""
     data = config.data
     name = name or data.name
     split = split or data.eval_split
@@ -283,6 +288,7 @@ def make_eval_dataset(
             )
         source = sources.open_source(name, split, data.data_dir, image_decoder=data.image_decoder)
     needs_text = task in ("retrieval", "validation")
+    present = [key for key in subsets if len(source) and key in source[0]]
     return eval_dataset(
         source,
         task=task,
@@ -294,6 +300,7 @@ def make_eval_dataset(
         process_index=process_index,
         process_count=process_count,
         min_image_size=data.min_image_size,
+        subsets=present,
     )
 
 
