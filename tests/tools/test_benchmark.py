@@ -72,7 +72,7 @@ def test_runs_without_the_data_and_evaluation_stack(tmp_path):
         "--config.model.multimodal_depth=1",
         "--config.model.decoder_depth=1",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
     assert line["point"] == {"batch_size": "4"} and line["batch_size"] == 4
