@@ -12,7 +12,6 @@ evaluator loses no training.
 Where later work plugs in, once for pretraining and transfer alike:
 
 - ``TrainLoop.__init__`` / ``close``: the workdir's resources (e.g. a workdir lock);
-- ``resume_latest``: resuming from the workdir's checkpoint (e.g. comparing configs);
 - ``TrainLoop.run``'s start, where the first step is known (e.g. dropping metrics logged after
   the resumed checkpoint);
 - ``TrainLoop.device_batch``: host batch -> device (e.g. device prefetch, uint8 images);
@@ -73,18 +72,6 @@ def batch_fingerprint(host_batch: HostBatch) -> int:
         if value.dtype.kind == "i":
             crc = zlib.crc32(np.ascontiguousarray(value).tobytes(), crc)
     return crc
-
-
-def resume_latest(
-    checkpointer: ckpt.Checkpointer, abstract_state: State, data_iterator: Any
-) -> tuple[State, str] | None:
-    """The workdir's latest checkpoint (state, and the data iterator's position restored in
-    place) and where it came from; None when the workdir holds none."""
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return None
-    state = checkpointer.restore(latest, abstract_state, data_iterator)
-    return state, f"resumed from {checkpointer.directory}/{latest}"
 
 
 @dataclasses.dataclass(frozen=True)

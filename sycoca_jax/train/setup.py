@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import durations, losses, optim, sharding
 from sycoca_jax.models import sycoca
-from sycoca_jax.train import loop
 
 State = dict[str, Any]
 
@@ -108,11 +107,23 @@ def initial_state(setup: TrainSetup, seed: int) -> State:
         return create(jax.random.key(seed))
 
 
+def resume_latest(
+    checkpointer: ckpt.Checkpointer, abstract_state: State, data_iterator: Any
+) -> tuple[State, str] | None:
+    """The workdir's latest checkpoint (state, and the data iterator's position restored in
+    place) and where it came from; None when the workdir holds none."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return None
+    state = checkpointer.restore(latest, abstract_state, data_iterator)
+    return state, f"resumed from {checkpointer.directory}/{latest}"
+
+
 def restore_or_init(
     setup: TrainSetup, checkpointer: ckpt.Checkpointer, data_iterator: Any
 ) -> tuple[State, str]:
     """The documented initialisation order; returns the state and where it came from."""
-    resumed = loop.resume_latest(checkpointer, setup.abstract_state, data_iterator)
+    resumed = resume_latest(checkpointer, setup.abstract_state, data_iterator)
     return resumed or init_without_workdir(setup, data_iterator)
 
 

@@ -33,6 +33,7 @@ from sycoca_jax.data import pipeline
 from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.models import sycoca
 from sycoca_jax.train import loop
+from sycoca_jax.train import setup as train_setup
 from sycoca_jax.transfer import towers
 
 State = dict[str, Any]
@@ -179,7 +180,7 @@ def train_head(
     ``batches``."""
     config = setup.config
     with loop.TrainLoop(workdir, config, setup.placement, batches, setup.total_steps) as run:
-        resumed = loop.resume_latest(run.checkpointer, setup.abstract_state, batches)
+        resumed = train_setup.resume_latest(run.checkpointer, setup.abstract_state, batches)
         state, origin = resumed or (
             initial_state(setup, pretrained, config.seed),
             f"tower from {pretrained.path} step {pretrained.step}, a new head",
