@@ -17,7 +17,7 @@ from sycoca_jax.data import pipeline
 from sycoca_jax.evaluation import registry
 from sycoca_jax.evaluation.common import EvalContext
 from sycoca_jax.metrics import MetricWriter
-from sycoca_jax.train import loop, preemption
+from sycoca_jax.train import loop, preemption, profiling
 from sycoca_jax.train.setup import TrainSetup, make_setup, restore_or_init
 from sycoca_jax.train.step import compile_train_step, make_eval_step
 
@@ -42,6 +42,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         setup.total_steps,
         flops_per_step=flops_per_step,
         logged_keys=LOSS_KEYS,
+        device_prefetch=config.data.device_prefetch,
+        profile_steps=profiling.parse_steps(config.profile_steps),
     ) as run:
         state, origin = restore_or_init(setup, run.checkpointer, batches)
         start_step = int(jax.device_get(state["step"]))
