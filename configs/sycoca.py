@@ -307,6 +307,9 @@ def train_fields(size: str, data: str) -> dict:
         checkpoint_every_steps=500 if tiny else 2000,
         keep_checkpoints=3,
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Resuming with fields that define the run changed (batch size, data, model, optimiser,
+        # ...) is refused; list the dotted keys accepted anyway, e.g. "optim.lr,batch_size".
+        allow_config_change="",
         # Transfer init: copy these parameter subtrees from a checkpoint before training.
         init=ml_collections.ConfigDict(
             dict(checkpoint=placeholder(str), subtrees=("image_encoder",))

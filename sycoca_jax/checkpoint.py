@@ -1,26 +1,52 @@
 """Orbax checkpoints: train state + data-iterator state + config in one step, async.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. ``restore`` puts arrays straight
-into the target shardings; ``load_params`` restores only a subtree of the parameters (e.g. the
-image tower) for transfer, without reading the rest.
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config,checksums,history}``. ``restore`` puts
+arrays straight into the target shardings; ``load_params`` restores only a subtree of the
+parameters (e.g. the image tower) for transfer, without reading the rest.
+
+Damage never goes unnoticed: every step carries a checksum of each array of the state
+(``checksums``, see ``sycoca_jax.checksums``), checked after restoring. ``restore_latest`` tries
+the newest step and, when it cannot be read or fails its checksums, logs why and tries the next
+older one; the damaged steps are moved to ``checkpoints/damaged/`` (nothing is deleted). It never
+starts a run from scratch while checkpoints exist: if none can be read it raises, listing each
+step and why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from sycoca_jax import checksums
+from sycoca_jax.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged"
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
     """The checkpoint's parameters do not fit the model the config builds."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """No checkpoint where the user pointed."""
+
+
+class CheckpointDamagedError(UserError):
+    """One step cannot be restored: a file is missing, torn or fails its checksum."""
+
+
+class NoUsableCheckpointError(UserError):
+    """Checkpoints exist but none can be restored."""
 
 
 def _handlers() -> dict[str, Any]:
@@ -28,6 +54,8 @@ def _handlers() -> dict[str, Any]:
         "state": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
+        checksums.ITEM: ocp.JsonCheckpointHandler(),
+        "history": ocp.JsonCheckpointHandler(),
     }
 
 
@@ -35,6 +63,52 @@ def checkpoint_dir(path: str) -> epath.Path:
     """Accept a workdir or its ``checkpoints`` folder."""
     path = epath.Path(path)
     return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).exists() else path
+
+
+def locate(path: str) -> tuple[epath.Path, int | None]:
+    """(checkpoints folder, step or None) for a workdir, its ``checkpoints`` folder or one step
+    folder; raises ``CheckpointNotFoundError`` (creating nothing) when ``path`` holds none."""
+    given = epath.Path(path)
+    if given.name.isdigit() and given.is_dir() and given.parent.exists():
+        return given.parent, int(given.name)
+    directory = checkpoint_dir(path)
+    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path} (expected a workdir, its {CHECKPOINT_DIR}/ folder or one "
+            f"step folder {CHECKPOINT_DIR}/<step>)"
+        )
+    return directory, None
+
+
+def _cause(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: the innermost cause (the storage layer's own words, e.g.
+    which array could not be read), without TensorStore's spec dump."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = " ".join(str(root).split()) or "no message"
+    for noise in (" [tensorstore_spec=", " See full TensorStore details"):
+        text = text.split(noise)[0]
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(root).__name__}: {text}"
+
+
+def _every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (each reads only its own shards)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What ``restore_latest`` found: the step, its state and its saved config (or None)."""
+
+    step: int
+    state: Any
+    config: dict[str, Any] | None
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -61,7 +135,11 @@ def describe_mismatch(expected: Any, found: Any, limit: int = 12) -> str:
 
 
 class Checkpointer:
-    """A thin wrapper over ``ocp.CheckpointManager`` with the three items this project saves."""
+    """A thin wrapper over ``ocp.CheckpointManager`` with the items this project saves.
+
+    ``history`` is a list of JSON records (e.g. the config changes accepted on each resume),
+    restored with a step by ``restore_latest``, extended with ``note`` and saved with every step.
+    """
 
     def __init__(self, workdir: str, max_to_keep: int | None = 3, async_save: bool = True):
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
@@ -72,12 +150,17 @@ class Checkpointer:
             ),
             item_handlers=_handlers(),
         )
+        self.history: list[dict[str, Any]] = []
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> Sequence[int]:
         return self._manager.all_steps()
+
+    def note(self, record: dict[str, Any]) -> None:
+        """Add ``record`` to the history saved with every following step."""
+        self.history.append(record)
 
     def save(
         self,
@@ -87,19 +170,32 @@ class Checkpointer:
         config: Any | None = None,
         force: bool = False,
     ) -> bool:
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {
+            "state": ocp.args.StandardSave(state),
+            checksums.ITEM: ocp.args.JsonSave(checksums.of_tree(state)),
+        }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
                 config.to_dict() if hasattr(config, "to_dict") else config
             )
+        if self.history:
+            items["history"] = ocp.args.JsonSave(list(self.history))
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _has_item(self, step: int, item: str) -> bool:
+        return (self.directory / str(step) / item).exists()
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Restore into ``abstract_state``'s shapes and shardings (``ShapeDtypeStruct`` leaves
-        carrying ``.sharding``); ``data_iterator`` is restored in place."""
+        carrying ``.sharding``) and check the arrays against the step's checksums;
+        ``data_iterator`` is restored in place."""
+        if not self._has_item(step, "state"):
+            raise CheckpointDamagedError(f"step {step} has no state (an empty or partial folder)")
         found = self._manager.item_metadata(step)["state"]
+        if found is None:
+            raise CheckpointDamagedError(f"step {step} has no readable state metadata")
         mismatch = describe_mismatch(abstract_state["params"], found["params"])
         if mismatch:
             raise IncompatibleCheckpointError(
@@ -109,12 +205,97 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        has_sums = self._has_item(step, checksums.ITEM)
+        if has_sums:
+            items[checksums.ITEM] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if has_sums:
+            bad = checksums.mismatches(restored[checksums.ITEM], restored["state"])
+            if bad:
+                raise CheckpointDamagedError(f"checksum mismatch in {bad}")
+        else:
+            logging.warning(
+                "checkpoint step %d has no checksums (an older save): not verified", step
+            )
+        return restored["state"]
 
     def restore_config(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"
         ]
+
+    def _restore_json(self, step: int, item: str) -> Any:
+        if not self._has_item(step, item):
+            return None
+        return self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        )[item]
+
+    def restore_latest(
+        self,
+        abstract_state: Any,
+        data_iterator: Any | None = None,
+        check_config: Callable[[dict[str, Any] | None], Any] | None = None,
+        set_aside: bool = True,
+    ) -> Restored | None:
+        """The newest step that restores and passes its checksums; None if there is no step.
+
+        A step that fails is logged in one line (step and cause) and the next older one is
+        tried; with ``set_aside`` the failed newer steps are then moved to ``damaged/`` so the
+        run can save those steps again. ``check_config(saved_config)`` runs before a step's
+        state is read; what it raises (a refused config change) propagates, as does
+        ``IncompatibleCheckpointError``. All steps unreadable: ``NoUsableCheckpointError``.
+        """
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            state, config, history, cause = None, None, None, None
+            try:
+                config = self._restore_json(step, "config")
+            except Exception as error:
+                cause = f"config: {_cause(error)}"
+            if cause is None and check_config is not None:
+                check_config(config)
+            if cause is None:
+                try:
+                    state = self.restore(step, abstract_state, data_iterator)
+                    history = self._restore_json(step, "history")
+                except IncompatibleCheckpointError:
+                    raise
+                except Exception as error:
+                    cause = _cause(error)
+            if _every_process(cause is None):
+                if failures and set_aside:
+                    self._set_aside([s for s, _ in failures])
+                self.history = list(history or [])
+                return Restored(step, state, config)
+            cause = cause or "another process could not read its part"
+            failures.append((step, cause))
+            logging.warning(
+                "checkpoint step %d cannot be restored (%s); trying the previous step", step, cause
+            )
+        if failures:
+            listing = "; ".join(f"step {s}: {c}" for s, c in failures)
+            raise NoUsableCheckpointError(
+                f"no checkpoint under {self.directory} can be restored ({listing}). Repair or "
+                f"move them away to start afresh, or point --workdir elsewhere"
+            )
+        return None
+
+    def _set_aside(self, steps: Sequence[int]) -> None:
+        """Move damaged steps to ``damaged/<step>-<time>`` (process 0), then let every process
+        see the remaining ones."""
+        if jax.process_index() == 0:
+            folder = self.directory / DAMAGED_DIR
+            folder.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(step)).rename(target)
+                logging.warning("moved damaged checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sycoca_checkpoint_set_aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -151,7 +332,7 @@ def params_metadata(path: str, step: int | None = None) -> tuple[int, Any]:
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
+            raise CheckpointNotFoundError(f"no checkpoint under {directory}")
         return step, manager.item_metadata(step)["state"]["params"]
     finally:
         manager.close()
@@ -185,16 +366,21 @@ def load_params(
     target, args = wanted, restore_args
     for key in reversed(("params",) + subtree):
         target, args = {key: target}, {key: args}
+    items = {"state": ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)}
+    has_sums = (directory / str(step) / checksums.ITEM).exists()
+    if has_sums:
+        items[checksums.ITEM] = ocp.args.JsonRestore()
     try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)
-            ),
-        )["state"]
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
     finally:
         manager.close()
-    return _pick(restored["params"], subtree, "restored state")
+    if has_sums:
+        bad = checksums.mismatches(restored[checksums.ITEM], restored["state"])
+        if bad:
+            raise CheckpointDamagedError(
+                f"checkpoint {directory / str(step)}: checksum mismatch in {bad}"
+            )
+    return _pick(restored["state"]["params"], subtree, "restored state")
 
 
 def params_digest(params: Any) -> str:
