@@ -225,6 +225,7 @@ class WorkdirLock:
         from a live holder too (``--force_unlock``: for a holder you know is dead)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         mine = Lease.for_this_process(self.stale_after_s)
+        unreadable_before = False
         for _ in range(5):
             if self._store.create(mine.to_json()) and self._verify(mine):
                 return self._start(mine)
@@ -232,7 +233,13 @@ class WorkdirLock:
             held = Lease.from_json(text)
             if text is None:  # released meanwhile: try again
                 continue
-            reason = "--force_unlock" if force else "unreadable" if held is None else None
+            if held is None and not unreadable_before:  # maybe caught mid-write: look again
+                unreadable_before = True
+                time.sleep(self.settle_s)
+                continue
+            reason = (
+                "--force_unlock" if force else "its lease is unreadable" if held is None else None
+            )
             reason = reason or held.why_takeable()
             if reason is None:
                 raise WorkdirInUseError(self._in_use_message(held))
