@@ -315,11 +315,13 @@ def _pick(tree: Any, path: Sequence[str], what: str) -> Any:
 
 def _reader(path: str) -> tuple[ocp.CheckpointManager, epath.Path]:
     directory = checkpoint_dir(path)
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"no checkpoint under {path} (no such folder)")
     # The state is written by StandardCheckpointHandler; its on-disk format is the PyTree one,
     # whose handler supports partial restore.
     manager = ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
         item_handlers={**_handlers(), "state": ocp.PyTreeCheckpointHandler()},
     )
     return manager, directory

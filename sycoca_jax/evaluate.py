@@ -66,10 +66,11 @@ def evaluate(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = binaries.config_from_flags()
     binaries.start()
     f = flags.FLAGS
     requested = [e for e in (f.evals or "").split(",") if e]
-    results = evaluate(f.config, f.workdir, f.checkpoint, f.step, requested)
+    results = evaluate(config, f.workdir, f.checkpoint, f.step, requested)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, default=str))
 
@@ -87,4 +88,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

@@ -26,8 +26,9 @@ from sycoca_jax import binaries, train
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = binaries.config_from_flags()  # before any work: a bad value fails in one line
     binaries.start()
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    train.train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 def define_flags() -> None:
@@ -41,7 +42,7 @@ def define_flags() -> None:
 def run() -> None:
     """Console-script entry point (``sycoca-train``)."""
     define_flags()
-    app.run(main)
+    binaries.run_app(main)
 
 
 if __name__ == "__main__":

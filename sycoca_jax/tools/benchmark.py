@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sycoca_jax import flops, hardware, sharding, train
+from sycoca_jax import binaries, flops, hardware, sharding, train
 
 
 def synthetic_batch(config: Any, setup: train.TrainSetup, seed: int = 0) -> dict[str, jax.Array]:
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    result = benchmark(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup)
+    result = benchmark(binaries.config_from_flags(), flags.FLAGS.steps, flags.FLAGS.warmup)
     if flags.FLAGS.json:
         print(json.dumps(result))
     else:
@@ -97,4 +97,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
-from sycoca_jax import sharding, train
+from sycoca_jax import binaries, sharding, train
 
 NOMINAL_TRAIN_EXAMPLES = 10_000_000
 EXIT_FITS, EXIT_TOO_BIG, EXIT_NO_TPU_COMPILER, EXIT_BAD_INPUT, EXIT_COMPILER_CRASHED = 0, 1, 2, 3, 4
@@ -346,7 +346,7 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
     try:
         target = parse_topology(flags.FLAGS.topology)
-        report = compile_for(flags.FLAGS.config, target)
+        report = compile_for(binaries.config_from_flags(), target)
     except TpuCompilerUnavailable as e:
         print(f"compile_for: {e}", file=sys.stderr)
         sys.exit(EXIT_NO_TPU_COMPILER)
@@ -370,4 +370,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

@@ -21,8 +21,8 @@ from sycoca_jax.transfer import run as transfer_run
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = binaries.config_from_flags()
     binaries.start()
-    config = flags.FLAGS.config
     if flags.FLAGS.init:
         config.init = flags.FLAGS.init
     transfer_run.run(config, flags.FLAGS.workdir)
@@ -39,7 +39,7 @@ def define_flags() -> None:
 
 def run() -> None:
     define_flags()
-    app.run(main)
+    binaries.run_app(main)
 
 
 if __name__ == "__main__":
