@@ -102,6 +102,27 @@ def _every_process(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+def _move(source: epath.Path, target: epath.Path) -> None:
+    """Rename a folder; where the store cannot rename folders (object stores), copy it file by
+    file and then remove the original."""
+    try:
+        source.rename(target)
+        return
+    except OSError:
+        pass
+
+    def copy(src: epath.Path, dst: epath.Path) -> None:
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            if child.is_dir():
+                copy(child, dst / child.name)
+            else:
+                (dst / child.name).write_bytes(child.read_bytes())
+
+    copy(source, target)
+    source.rmtree()
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """What ``restore_latest`` found: the step, its state and its saved config (or None)."""
@@ -289,7 +310,7 @@ class Checkpointer:
             folder.mkdir(parents=True, exist_ok=True)
             for step in steps:
                 target = folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                (self.directory / str(step)).rename(target)
+                _move(self.directory / str(step), target)
                 logging.warning("moved damaged checkpoint step %d to %s", step, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -73,6 +73,18 @@ def _checksums(tree: Any) -> Any:
     return jax.tree.map(_array_checksum, tree)
 
 
+def _fetch(value: jax.Array) -> np.ndarray:
+    """A checksum pair on the host of every process (the reduction's result is normally
+    replicated; if the compiler left it split across processes, gather it)."""
+    if isinstance(value, jax.Array) and not (
+        value.is_fully_addressable or value.is_fully_replicated
+    ):
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(value)
+
+
 def _name(path: Any) -> str:
     """``params/image_encoder/kernel``, ``opt_state/1/0/mu/...`` (dict keys, sequence indices,
     attribute names)."""
@@ -102,7 +114,7 @@ def of_tree(tree: Any) -> dict[str, Any]:
             sums[i] = value
     arrays = {}
     for (path, leaf), value in zip(flat, sums, strict=True):
-        low, high = (int(v) for v in np.asarray(value))
+        low, high = (int(v) for v in _fetch(value))
         arrays[_name(path)] = {
             "shape": list(np.shape(leaf)),
             "dtype": str(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else type(leaf).__name__,

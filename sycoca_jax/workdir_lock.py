@@ -172,8 +172,19 @@ class _Store:
             return True
         except FileExistsError:
             return False
+        except OSError:  # no hard links here (some FUSE mounts): exclusive create, then write
+            return self._create_exclusive(text)
         finally:
             os.unlink(temp)
+
+    def _create_exclusive(self, text: str) -> bool:
+        try:
+            fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
 
     def replace(self, text: str) -> None:
         if self.object_store:
