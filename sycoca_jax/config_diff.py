@@ -2,11 +2,12 @@
 
 A resumed run must be the same run. Every field is treated as defining the run (data source,
 split and shuffle seed, batch size, model, objective, loss weights, seed, optimiser and schedule,
-input preprocessing) unless ``SAFE_FIELDS`` names it: run length, cadences, evaluations, where
-the data lives, the mesh and the input workers' count, and pure implementation choices. A change
-to a defining field is an error unless ``--config.allow_config_change=field,...`` accepts it; safe
-changes are returned for logging. The diff is returned so it can be written to ``metrics.jsonl``
-and the next checkpoint.
+input preprocessing, and the input workers, whose layout the saved iterator state depends on)
+unless ``SAFE_FIELDS`` names it: run length, cadences, evaluations, where the data lives, the
+mesh, and implementation choices that compute the same function. A change to a defining field is
+an error unless ``--config.allow_config_change=field,...`` accepts it; safe changes are returned
+for logging. The diff is returned so it can be written to ``metrics.jsonl`` and the checkpoint
+(``Checkpointer.note``).
 
 Keys present on one side only (the code added or removed a field since the checkpoint) are
 reported as schema changes, logged, not refused.
