@@ -1,8 +1,9 @@
-"""What every absl binary (train, evaluate, transfer, tools) shares: logging, the runtime, the
-config from flags, and one-line errors.
+"""What every absl binary (train, evaluate, transfer, tools) shares: its two required flags,
+logging, the multi-host runtime, the config from flags, the console-script entry, and one-line
+errors.
 
-``run_app(main)`` replaces ``app.run(main)``: an error the user caused or can act on (a
-``sycoca_jax.errors.UserError``: a bad config value, an unknown ``--config.x.y`` key, a missing
+``run`` (and ``run_app`` for the tools) wrap ``app.run``: an error the user caused or can act on
+(a ``sycoca_jax.errors.UserError``: a bad config value, an unknown ``--config.x.y`` key, a missing
 checkpoint, a busy workdir, a damaged checkpoint) prints one line on stderr and exits with 2 (a
 bad flag or config value) or 1; any other exception keeps its traceback, since it is a bug.
 """
@@ -29,10 +30,17 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "sycoca_jax" in record.pathname
 
 
-def define_flags() -> None:
-    """The flags every binary shares (the multi-host runtime's)."""
+def define_flags(config_help: str, workdir_help: str) -> None:
+    """The flags every binary has: ``--config`` (a locked config file) and ``--workdir``, both
+    required, and the multi-host runtime's. Binaries call this from their own ``define_flags``,
+    never at import, so importing a binary has no side effects."""
+    from ml_collections import config_flags
+
     from sycoca_jax import distributed
 
+    config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
     distributed.define_flags()
 
 
@@ -151,3 +159,31 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def run_app(main: Callable[[list[str]], Any]) -> None:
     """``app.run(main)`` with one-line user errors (see the module docstring)."""
     app.run(guard(main), flags_parser=parse_flags)
+
+
+def run(main: Callable[[flags.FlagValues], None], define: Callable[[], None]) -> None:
+    """A binary's entry (``python -m`` and its console script): define its flags, parse them,
+    reject stray positional arguments, resolve and check ``--config`` (``config_from_flags``:
+    before any work), ``start``, then ``main(flags.FLAGS)``; user errors in one line."""
+    before = set(flags.FLAGS)
+    define()
+    _help_like_python_m(main.__module__, set(flags.FLAGS) - before)
+
+    def _main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        config_from_flags(flags.FLAGS)
+        start()
+        main(flags.FLAGS)
+
+    run_app(_main)
+
+
+def _help_like_python_m(module: str, names: set[str]) -> None:
+    """``--help`` lists the flags and docstring of the running program's ``__main__``; a console
+    script's ``__main__`` is a generated wrapper, so lend it the binary's (no-op under -m)."""
+    for name in sorted(names):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    entry = sys.modules["__main__"]
+    if not entry.__doc__:
+        entry.__doc__ = sys.modules[module].__doc__

@@ -316,9 +316,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``sycoca-prepare``); a missing source or an existing output
+    is the user's to fix: one line, exit 1."""
     from sycoca_jax import binaries
 
-    # A missing source or an existing output is the user's to fix: one line, exit 1.
     path_errors = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
     binaries.guard(main, expected=path_errors)(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    run()
