@@ -1,11 +1,13 @@
 """A 64-bit checksum per array, the same however the array is sharded.
 
-Each element's bits are mixed with its position (the murmur3 finaliser) and the mixed words are
-summed modulo 2**32 in two independent lanes. Addition is associative and commutative, so each
-device sums its own shard and XLA adds the partial sums: the checksum is computed where the data
-lives (no gather, no host copy), equals across meshes and process counts, and is compared after
-restoring into whatever mesh the resumed run uses. Any change to an element's bits, or elements
-swapped, changes a lane with probability 1 - 2**-32 each.
+Each element's bits are mixed with its position in the whole array (the murmur3 finaliser) and
+the mixed words are summed modulo 2**32 in two independent lanes. Addition is associative and
+commutative, so each device sums its own shard (one copy of each: ``replica_id == 0``, a
+computation on that device alone, no collective), the host adds the partial sums, and processes
+add theirs with one all-gather of the small totals. The checksum is computed where the data lives
+(no gather of the arrays, no host copy), equals across meshes and process counts, and can be
+compared after restoring into whatever mesh the resumed run uses. Any change to an element's
+bits, or elements swapped, changes a lane with probability 1 - 2**-32 each.
 
 A checksum of the saved files would need them read back after every asynchronous save and would
 not survive a change of mesh; this one is computed from the state being saved.
@@ -13,6 +15,8 @@ not survive a change of mesh; this one is computed from the state being saved.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -23,6 +27,7 @@ ITEM = "checksums"
 VERSION = 1
 
 _GOLDEN = 0x9E3779B9
+_MASK = 0xFFFFFFFF
 
 
 def _fmix(h: jax.Array) -> jax.Array:
@@ -36,8 +41,6 @@ def _fmix(h: jax.Array) -> jax.Array:
 
 def _words(x: jax.Array) -> jax.Array:
     """The array's bits as uint32 words, elementwise (a trailing axis for 64-bit types)."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     size = x.dtype.itemsize
@@ -49,40 +52,102 @@ def _words(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., size // 4)
 
 
-def _position(shape: tuple[int, ...]) -> jax.Array:
-    """Each element's row-major index (mod 2**32), built per axis so no axis is reshaped."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-        index = index + iota * jnp.uint32(stride % 2**32)
-        stride *= shape[axis]
-    return index
-
-
-def _array_checksum(x: jax.Array) -> jax.Array:
-    words = _words(x)
-    position = _position(words.shape)
+def _lanes(block: jax.Array, offsets: list[Any], strides: tuple[int, ...]) -> jax.Array:
+    """The two lane sums of one block whose element ``i`` sits at ``offsets + i`` of an array
+    with row-major ``strides`` (positions mod 2**32)."""
+    words = _words(block)
+    position = jnp.zeros(words.shape, jnp.uint32)
+    for axis in range(words.ndim):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+        start = jnp.asarray(offsets[axis], jnp.uint32) if axis < len(offsets) else 0
+        position = position + (iota + start) * jnp.uint32(strides[axis])
     low = _fmix(words ^ _fmix(position + jnp.uint32(_GOLDEN)))
     high = _fmix((words + jnp.uint32(0x7F4A7C15)) ^ _fmix(position * jnp.uint32(_GOLDEN) + 1))
     return jnp.stack([jnp.sum(low, dtype=jnp.uint32), jnp.sum(high, dtype=jnp.uint32)])
 
 
+def _strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Row-major strides (mod 2**32) of the array's words (64-bit types: two per element)."""
+    full = tuple(shape) + ((2,) if itemsize == 8 else ())
+    strides, step = [], 1
+    for size in reversed(full):
+        strides.append(step % 2**32)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _per_device(leaf: jax.Array) -> jax.Array | None:
+    """(mesh size, 2) lane sums, one row per device, each device summing its own block (zeros
+    for a replica), with no communication; None where the sharding does not allow it."""
+    sharding = leaf.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding) or leaf.ndim == 0:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+    sizes = [math.prod(sharding.mesh.shape[a] for a in _axes(entry)) for entry in spec]
+    if any(length % size for length, size in zip(leaf.shape, sizes, strict=True)):
+        return None
+    return _block_program(leaf.shape, leaf.dtype.itemsize, sharding.mesh, spec)(leaf)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_program(shape: tuple[int, ...], itemsize: int, mesh: Any, spec: tuple) -> Any:
+    """The jitted per-device sums for one shape, word size, mesh and layout (compiled once)."""
+    strides = _strides(shape, itemsize)
+    used = {axis for entry in spec for axis in _axes(entry)}
+
+    def block_sums(block):
+        offsets = []
+        for d, entry in enumerate(spec):
+            index = 0
+            for axis in _axes(entry):
+                index = index * mesh.shape[axis] + jax.lax.axis_index(axis)
+            offsets.append(index * block.shape[d])
+        first = jnp.bool_(True)  # the first copy of a block replicated over unused axes
+        for axis in mesh.axis_names:
+            if axis not in used:
+                first = first & (jax.lax.axis_index(axis) == 0)
+        sums = _lanes(block, offsets, strides)
+        return jnp.where(first, sums, jnp.zeros_like(sums))[None]
+
+    mapped = jax.shard_map(
+        block_sums,
+        mesh=mesh,
+        in_specs=jax.sharding.PartitionSpec(*spec),
+        out_specs=jax.sharding.PartitionSpec(tuple(mesh.axis_names)),
+        check_vma=False,
+    )
+    return jax.jit(mapped)
+
+
 @jax.jit
-def _checksums(tree: Any) -> Any:
-    return jax.tree.map(_array_checksum, tree)
+def _whole(array: jax.Array) -> jax.Array:
+    return _lanes(array, [], _strides(array.shape, array.dtype.itemsize))
 
 
-def _fetch(value: jax.Array) -> np.ndarray:
-    """A checksum pair on the host of every process (the reduction's result is normally
-    replicated; if the compiler left it split across processes, gather it)."""
-    if isinstance(value, jax.Array) and not (
-        value.is_fully_addressable or value.is_fully_replicated
-    ):
+def _checksum_pairs(leaves: list[Any]) -> np.ndarray:
+    """(len(leaves), 2) uint32 lane sums, added over devices and processes."""
+    results = []
+    for leaf in leaves:
+        rows = _per_device(leaf) if isinstance(leaf, jax.Array) else None
+        results.append(rows if rows is not None else _whole(leaf))
+    totals = np.zeros((len(leaves), 2), np.uint64)
+    for i, result in enumerate(results):
+        if result.ndim == 1:  # computed whole, the same on every process: counted once
+            if jax.process_index() == 0:
+                totals[i] += np.asarray(jax.device_get(result), np.uint64)
+            continue
+        for shard in result.addressable_shards:  # the rows of this process's devices
+            totals[i] += np.asarray(shard.data, np.uint64).sum(axis=0)
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(value)
+        gathered = multihost_utils.process_allgather((totals & _MASK).astype(np.uint32))
+        totals = np.asarray(gathered, np.uint64).sum(axis=0)
+    return (totals & _MASK).astype(np.uint32)
 
 
 def _name(path: Any) -> str:
@@ -103,22 +168,13 @@ def of_tree(tree: Any) -> dict[str, Any]:
     """``{"version", "arrays": {path: {"shape", "dtype", "checksum"}}}`` of a tree of arrays
     (sharded ``jax.Array``s or host arrays). Every process gets the same answer."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    # One computation per set of devices (a jitted function's inputs must share one).
-    groups: dict[Any, list[int]] = {}
-    for i, (_, leaf) in enumerate(flat):
-        devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else None
-        groups.setdefault(frozenset(devices) if devices else None, []).append(i)
-    sums: list[Any] = [None] * len(flat)
-    for members in groups.values():
-        for i, value in zip(members, _checksums([flat[i][1] for i in members]), strict=True):
-            sums[i] = value
+    pairs = _checksum_pairs([leaf for _, leaf in flat])
     arrays = {}
-    for (path, leaf), value in zip(flat, sums, strict=True):
-        low, high = (int(v) for v in _fetch(value))
+    for (path, leaf), (low, high) in zip(flat, pairs, strict=True):
         arrays[_name(path)] = {
             "shape": list(np.shape(leaf)),
             "dtype": str(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else type(leaf).__name__,
-            "checksum": f"{high:08x}{low:08x}",
+            "checksum": f"{int(high):08x}{int(low):08x}",
         }
     return {"version": VERSION, "arrays": arrays}
 

@@ -252,3 +252,14 @@ def test_checksums_do_not_depend_on_the_sharding():
     swapped = jax.tree.map(np.copy, host)
     swapped["params"]["w"] = swapped["params"]["w"][::-1].copy()
     assert checksums.mismatches(expected, swapped) == "params/w"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "uint16", "bool"])
+def test_checksums_cover_narrow_dtypes(dtype):
+    values = np.arange(64 * 8).reshape(64, 8) % 7
+    host = {"x": jnp.asarray(values).astype(dtype)}
+    sharded = {"x": jax.device_put(host["x"], NamedSharding(_mesh(), PartitionSpec("d")))}
+    expected = checksums.of_tree(host)
+    assert checksums.of_tree(sharded) == expected
+    changed = {"x": host["x"].at[10, 3].set(host["x"][10, 3] == 0)}
+    assert checksums.mismatches(expected, changed) == "x"
