@@ -208,14 +208,58 @@ class Checkpointer:
     def _has_item(self, step: int, item: str) -> bool:
         return (self.directory / str(step) / item).exists()
 
+    def _read(self, step: int, item: str, args: Any) -> Any:
+        """One item of one step through its handler alone: a process reads only its own files
+        and meets no other process (the manager's restore holds barriers, which a process that
+        failed alone would leave the others waiting in)."""
+        handler = _handlers()[item]
+        try:
+            return handler.restore(self.directory / str(step) / item, args=args)
+        finally:
+            if hasattr(handler, "close"):
+                handler.close()
+
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """Restore into ``abstract_state``'s shapes and shardings (``ShapeDtypeStruct`` leaves
         carrying ``.sharding``) and check the arrays against the step's checksums;
-        ``data_iterator`` is restored in place."""
+        ``data_iterator`` is restored in place.
+
+        Each process reads its own part alone; they then agree whether all succeeded before
+        the (collective) checksum check, so a part only one process cannot read fails the step
+        on every process alike instead of leaving the others waiting."""
+        failure = None
+        try:
+            state, manifest = self._restore_here(step, abstract_state, data_iterator)
+        except IncompatibleCheckpointError:  # read from the shared metadata: same everywhere
+            raise
+        except Exception as error:
+            failure = error
+        if not _every_process(failure is None):
+            if failure is not None:
+                raise failure
+            raise CheckpointDamagedError(f"step {step}: another process could not read its part")
+        if manifest is None:
+            logging.warning(
+                "checkpoint step %d has no checksums (an older save): not verified", step
+            )
+        else:
+            bad = checksums.mismatches(manifest, state)
+            if bad:
+                raise CheckpointDamagedError(f"checksum mismatch in {bad}")
+        return state
+
+    def _restore_here(
+        self, step: int, abstract_state: Any, data_iterator: Any | None
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """This process's part of a step (no collective): (state, checksum manifest or None)."""
         if not self._has_item(step, "state"):
             raise CheckpointDamagedError(f"step {step} has no state (an empty or partial folder)")
-        found = self._manager.item_metadata(step)["state"]
-        if found is None:
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            found = handler.metadata(self.directory / str(step) / "state")
+        finally:
+            handler.close()
+        if found is None or "params" not in found:
             raise CheckpointDamagedError(f"step {step} has no readable state metadata")
         mismatch = describe_mismatch(abstract_state["params"], found["params"])
         if mismatch:
@@ -223,34 +267,19 @@ class Checkpointer:
                 f"checkpoint {self.directory / str(step)} does not fit this config's model:\n"
                 f"{mismatch}"
             )
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        manifest = self._restore_json(step, checksums.ITEM)
+        state = self._read(step, "state", ocp.args.StandardRestore(abstract_state))
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        has_sums = self._has_item(step, checksums.ITEM)
-        if has_sums:
-            items[checksums.ITEM] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        if has_sums:
-            bad = checksums.mismatches(restored[checksums.ITEM], restored["state"])
-            if bad:
-                raise CheckpointDamagedError(f"checksum mismatch in {bad}")
-        else:
-            logging.warning(
-                "checkpoint step %d has no checksums (an older save): not verified", step
-            )
-        return restored["state"]
+            self._read(step, "data", grain.checkpoint.CheckpointRestore(data_iterator))
+        return state, manifest
 
     def restore_config(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"
-        ]
+        return self._read(step, "config", ocp.args.JsonRestore())
 
     def _restore_json(self, step: int, item: str) -> Any:
         if not self._has_item(step, item):
             return None
-        return self._manager.restore(
-            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
-        )[item]
+        return self._read(step, item, ocp.args.JsonRestore())
 
     def restore_latest(
         self,
@@ -268,32 +297,38 @@ class Checkpointer:
         ``IncompatibleCheckpointError``. All steps unreadable: ``NoUsableCheckpointError``.
         """
         failures: list[tuple[int, str]] = []
-        for step in sorted(self.all_steps(), reverse=True):
-            state, config, history, cause = None, None, None, None
-            try:
-                config = self._restore_json(step, "config")
-            except Exception as error:
-                cause = f"config: {_cause(error)}"
-            if cause is None and check_config is not None:
-                check_config(config)
-            if cause is None:
-                try:
-                    state = self.restore(step, abstract_state, data_iterator)
-                    history = self._restore_json(step, "history")
-                except IncompatibleCheckpointError:
-                    raise
-                except Exception as error:
-                    cause = _cause(error)
-            if _every_process(cause is None):
-                if failures and set_aside:
-                    self._set_aside([s for s, _ in failures])
-                self.history = list(history or [])
-                return Restored(step, state, config)
-            cause = cause or "another process could not read its part"
+
+        def failed(step: int, cause: str) -> None:
             failures.append((step, cause))
             logging.warning(
                 "checkpoint step %d cannot be restored (%s); trying the previous step", step, cause
             )
+
+        # Every process takes the same path through this loop: each outcome is agreed on (or
+        # read from files all processes share) before the next collective.
+        for step in sorted(self.all_steps(), reverse=True):
+            config, history, cause = None, None, None
+            try:
+                config = self._restore_json(step, "config")
+                history = self._restore_json(step, "history")
+            except Exception as error:
+                cause = f"config: {_cause(error)}"
+            if not _every_process(cause is None):
+                failed(step, cause or "another process could not read its config")
+                continue
+            if check_config is not None:
+                check_config(config)
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as error:
+                failed(step, _cause(error))
+                continue
+            if failures and set_aside:
+                self._set_aside([s for s, _ in failures])
+            self.history = list(history or [])
+            return Restored(step, state, config)
         if failures:
             listing = "; ".join(f"step {s}: {c}" for s, c in failures)
             raise NoUsableCheckpointError(
