@@ -20,6 +20,7 @@ from __future__ import annotations
 import ml_collections
 
 from sycoca_jax.config_args import parse_arg
+from sycoca_jax.evaluation import registry
 from sycoca_jax.models import vit
 
 
@@ -217,35 +218,15 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def eval_entry(kind: str, split: str, dataset: str | None = None, **fields) -> dict:
-    """One ``config.evals`` entry (``sycoca_jax.evaluation.registry``); ``dataset`` unset = the
-    training data's dataset. ``every_steps`` > 0 also runs it during training (and at the end)."""
-    defaults = dict(
-        zeroshot=dict(templates="clip_imagenet"),
-        retrieval=dict(),
-        captioning=dict(
-            decode="beam",  # greedy | beam | sample
-            num_beams=3,
-            length_penalty=0.6,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            seed=0,
-            max_len=ml_collections.config_dict.placeholder(int),  # unset: model.max_text_len
-            print_examples=5,
-        ),
-    )[kind]
-    entry = dict(
-        kind=kind,
-        dataset=ml_collections.config_dict.placeholder(str) if dataset is None else dataset,
-        split=split,
-        batch_size=256,
-        every_steps=0,
-        num_examples=-1,  # -1: the whole split
-        **defaults,
-    )
-    entry.update(fields)
-    return entry
+def eval_entry(
+    kind: str, split: str, dataset: str | None = None, **fields
+) -> ml_collections.ConfigDict:
+    """One ``config.evals`` entry: ``kind`` and every field of that evaluator's ``Settings``
+    (``sycoca_jax.evaluation.registry``; an unknown field is an error), defaults overridden by
+    ``fields``. ``dataset`` unset = the training data's dataset; ``every_steps`` > 0 also runs it
+    during training (and at the end); ``required`` True fails before training when the model
+    cannot run it (otherwise such an entry is dropped with one log line)."""
+    return registry.entry_config(kind, split=split, dataset=dataset, **fields)
 
 
 def evals_config(size: str, data: str) -> ml_collections.ConfigDict:

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from sycoca_jax import checksums
+from sycoca_jax.data import iterator_state
 from sycoca_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -52,7 +52,7 @@ class NoUsableCheckpointError(UserError):
 def _handlers() -> dict[str, Any]:
     return {
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": iterator_state.DataStateHandler(),  # grain's, resumable on another layout
         "config": ocp.JsonCheckpointHandler(),
         checksums.ITEM: ocp.JsonCheckpointHandler(),
         "history": ocp.JsonCheckpointHandler(),
@@ -196,7 +196,7 @@ class Checkpointer:
             checksums.ITEM: ocp.args.JsonSave(checksums.of_tree(state)),
         }
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = iterator_state.DataStateSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
                 config.to_dict() if hasattr(config, "to_dict") else config
@@ -270,7 +270,7 @@ class Checkpointer:
         manifest = self._restore_json(step, checksums.ITEM)
         state = self._read(step, "state", ocp.args.StandardRestore(abstract_state))
         if data_iterator is not None:
-            self._read(step, "data", grain.checkpoint.CheckpointRestore(data_iterator))
+            self._read(step, "data", iterator_state.DataStateRestore(data_iterator))
         return state, manifest
 
     def restore_config(self, step: int) -> dict[str, Any]:

@@ -96,8 +96,8 @@ def test_prepare_with_a_missing_source_is_one_line(tmp_path):
         f"--data_dir={tmp_path / 'out'}",
         cwd=tmp_path,
     )
-    assert result.returncode == 1
-    assert "matches no file" in _one_error_line(result, "sycoca_jax.data.prepare")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len([line for line in result.stderr.splitlines() if "matches no file" in line]) == 1
 
 
 # ---------------------------------------------------------------------------- in process

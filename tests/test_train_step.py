@@ -39,7 +39,7 @@ def run_steps(config, mesh_shape, num_steps: int = 3, devices=None):
     compiled, _ = train.compile_train_step(setup)
     history = []
     for i in range(num_steps):
-        batch = jax.device_put(synthetic_batch(config, seed=i), setup.batch_sharding)
+        batch = jax.device_put(synthetic_batch(config, seed=i), setup.placement.batch_sharding)
         state, metrics = compiled(state, batch)
         history.append({k: float(v) for k, v in metrics.items()})
     return jax.device_get(state), history
@@ -101,7 +101,7 @@ def test_baselines_train_from_the_same_code(objective):
     setup = train.make_setup(config, mesh, None)
     state = train.initial_state(setup, 0)
     compiled, _ = train.compile_train_step(setup)
-    batch = jax.device_put(synthetic_batch(config), setup.batch_sharding)
+    batch = jax.device_put(synthetic_batch(config), setup.placement.batch_sharding)
     losses_seen = []
     for _ in range(8):
         state, metrics = compiled(state, batch)

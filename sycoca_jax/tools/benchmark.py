@@ -19,13 +19,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sycoca_jax import binaries, flops, hardware, sharding, train
+from sycoca_jax import binaries, flops, hardware, sharding
+from sycoca_jax.train import setup as train_setup
+from sycoca_jax.train import step as train_step
 
 
-def synthetic_batch(config: Any, setup: train.TrainSetup, seed: int = 0) -> dict[str, jax.Array]:
+def synthetic_batch(
+    config: Any, setup: train_setup.TrainSetup, seed: int = 0
+) -> dict[str, jax.Array]:
     """Random images and captions of realistic lengths, placed on the mesh."""
     rng = np.random.default_rng(seed)
-    spec = train.batch_spec(config)
+    spec = train_setup.batch_spec(config)
     b, length = spec["tokens"].shape
     tokens = np.zeros((b, length), np.int32)
     for i in range(b):
@@ -33,7 +37,7 @@ def synthetic_batch(config: Any, setup: train.TrainSetup, seed: int = 0) -> dict
         tokens[i, 0], tokens[i, n + 1] = 1, 2
         tokens[i, 1 : n + 1] = rng.integers(4, config.model.vocab_size, n)
     images = rng.normal(size=spec["image"].shape).astype(np.float32)
-    return jax.device_put({"image": images, "tokens": tokens}, setup.batch_sharding)
+    return jax.device_put({"image": images, "tokens": tokens}, setup.placement.batch_sharding)
 
 
 def peak_memory_gib() -> float | None:
@@ -43,10 +47,10 @@ def peak_memory_gib() -> float | None:
 
 
 def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
-    mesh = sharding.make_mesh(config.mesh.shape)
-    setup = train.make_setup(config, mesh, num_train_examples=None)
-    state = train.initial_state(setup, config.seed)
-    compiled, report = train.compile_train_step(setup)
+    placement = sharding.Placement.from_config(config.mesh)
+    setup = train_setup.make_setup(config, placement, num_train_examples=None)
+    state = train_setup.initial_state(setup, config.seed)
+    compiled, report = train_step.compile_train_step(setup)
     batch = synthetic_batch(config, setup)
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
@@ -57,16 +61,16 @@ def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
     flops_per_step = flops.train_flops_per_example(config.model) * config.batch_size
-    tflops = flops_per_step / seconds / mesh.size / 1e12
+    tflops = flops_per_step / seconds / placement.num_devices / 1e12
     peak = hardware.peak_flops_per_device()
     return {
         "device": jax.devices()[0].device_kind,
-        "num_devices": mesh.size,
+        "num_devices": placement.num_devices,
         "batch_size": config.batch_size,
         "compile_seconds": report["compile_seconds"],
         "seconds_per_step": seconds,
         "examples_per_sec": config.batch_size / seconds,
-        "examples_per_sec_per_device": config.batch_size / seconds / mesh.size,
+        "examples_per_sec_per_device": config.batch_size / seconds / placement.num_devices,
         "tflops_per_sec_per_device": tflops,
         "mfu": None if peak is None else tflops * 1e12 / peak,
         "peak_memory_gib": peak_memory_gib(),
