@@ -26,7 +26,6 @@ from absl import logging
 from etils import epath
 
 from sycoca_jax import checksums
-from sycoca_jax.data import iterator_state
 from sycoca_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -50,6 +49,10 @@ class NoUsableCheckpointError(UserError):
 
 
 def _handlers() -> dict[str, Any]:
+    # Imported where used: the data-iterator state needs grain, which a bare accelerator host
+    # (tools.benchmark) does not have.
+    from sycoca_jax.data import iterator_state
+
     return {
         "state": ocp.StandardCheckpointHandler(),
         "data": iterator_state.DataStateHandler(),  # grain's, resumable on another layout
@@ -196,6 +199,8 @@ class Checkpointer:
             checksums.ITEM: ocp.args.JsonSave(checksums.of_tree(state)),
         }
         if data_iterator is not None:
+            from sycoca_jax.data import iterator_state
+
             items["data"] = iterator_state.DataStateSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
@@ -270,6 +275,8 @@ class Checkpointer:
         manifest = self._restore_json(step, checksums.ITEM)
         state = self._read(step, "state", ocp.args.StandardRestore(abstract_state))
         if data_iterator is not None:
+            from sycoca_jax.data import iterator_state
+
             self._read(step, "data", iterator_state.DataStateRestore(data_iterator))
         return state, manifest
 

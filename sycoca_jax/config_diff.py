@@ -41,6 +41,8 @@ SAFE_FIELDS = (
     # Read only when the workdir holds no checkpoint.
     "resume",
     "init",
+    "init_step",  # transfer: the pretrained tower, read only when the workdir holds no checkpoint
+    "eval_batch_size",
     # Placement and plumbing: the state is restored into the new shardings; the data stream is
     # the same records in the same order.
     "mesh",

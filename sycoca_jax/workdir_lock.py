@@ -364,6 +364,10 @@ class _Follower:
         pass
 
 
+# What a run holds on its workdir: the lease (process 0) or a follower's stand-in.
+Held = WorkdirLock | _Follower
+
+
 def hold_for_run(
     workdir: str | os.PathLike, force_unlock: bool = False, **options: Any
 ) -> WorkdirLock | _Follower:

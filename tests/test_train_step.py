@@ -26,7 +26,7 @@ def small_config(arg: str = "tiny", batch_size: int = 16):
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     m = config.model
-    images = rng.normal(size=(config.batch_size, m.image_size, m.image_size, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (config.batch_size, m.image_size, m.image_size, 3), np.uint8)
     tokens = random_tokens(rng, config.batch_size, m.max_text_len, 64)
     return {"image": images, "tokens": tokens}
 

@@ -145,9 +145,7 @@ def eval_dataset(
     index, count = process_slice(process_index, process_count)
     batch_size = per_process_batch_size(global_batch_size, count)
     steps: list[grain.transforms.Map] = [transforms.EvalImage(spec, image_size, min_image_size)]
-    placeholder: dict[str, np.ndarray] = {
-        "image": np.zeros((image_size, image_size, 3), np.float32)
-    }
+    placeholder: dict[str, np.ndarray] = {"image": np.zeros((image_size, image_size, 3), np.uint8)}
     if task in ("retrieval", "validation"):
         if tokenizer is None or max_text_len is None:
             raise ValueError(f"task {task!r} needs a tokenizer and max_text_len")

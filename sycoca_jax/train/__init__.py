@@ -10,46 +10,38 @@
 - ``preemption``: what the processes agree on (the stop step after SIGTERM, barriers);
 - ``progress``: throughput, MFU, ETA and the log line.
 
-The names below are re-exported so ``from sycoca_jax import train; train.train_and_evaluate``
-keeps working.
+The names below are re-exported lazily (``from sycoca_jax import train;
+train.train_and_evaluate``): importing ``sycoca_jax.train.setup`` or ``.step`` alone (as
+``tools.benchmark`` does on a bare accelerator host) pulls in no input pipeline or evaluator.
 """
 
-from sycoca_jax.train.loop import (
-    NonFiniteLossError,
-    TrainLoop,
-    batch_fingerprint,
-    check_finite,
-)
-from sycoca_jax.train.preemption import StopSignal, wait_for_every_process
-from sycoca_jax.train.pretrain import train_and_evaluate, validation_metrics
-from sycoca_jax.train.progress import Throughput
-from sycoca_jax.train.setup import (
-    TrainSetup,
-    batch_spec,
-    initial_state,
-    make_setup,
-    restore_or_init,
-    transfer_init,
-)
-from sycoca_jax.train.step import compile_train_step, make_eval_step, make_train_step
+import importlib
+from typing import Any
 
-__all__ = [
-    "NonFiniteLossError",
-    "StopSignal",
-    "Throughput",
-    "TrainLoop",
-    "TrainSetup",
-    "batch_fingerprint",
-    "batch_spec",
-    "check_finite",
-    "compile_train_step",
-    "initial_state",
-    "make_eval_step",
-    "make_setup",
-    "make_train_step",
-    "restore_or_init",
-    "train_and_evaluate",
-    "transfer_init",
-    "validation_metrics",
-    "wait_for_every_process",
-]
+_EXPORTS = {
+    "NonFiniteLossError": "loop",
+    "TrainLoop": "loop",
+    "batch_fingerprint": "loop",
+    "check_finite": "loop",
+    "StopSignal": "preemption",
+    "wait_for_every_process": "preemption",
+    "train_and_evaluate": "pretrain",
+    "validation_metrics": "pretrain",
+    "Throughput": "progress",
+    "TrainSetup": "setup",
+    "batch_spec": "setup",
+    "initial_state": "setup",
+    "make_setup": "setup",
+    "restore_or_init": "setup",
+    "transfer_init": "setup",
+    "compile_train_step": "step",
+    "make_eval_step": "step",
+    "make_train_step": "step",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

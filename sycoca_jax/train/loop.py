@@ -9,12 +9,23 @@ every ``config.log_every_steps``; a checkpoint (state, data position, config) is
 agrees on, after which the loop leaves; ``evaluate`` runs after the checkpoint, so a failing
 evaluator loses no training.
 
-Where later work plugs in, once for pretraining and transfer alike:
+What keeps a run from losing work or resuming the wrong thing, for pretraining and transfer
+alike:
 
-- ``TrainLoop.__init__`` / ``close``: the workdir's resources (e.g. a workdir lock);
-- ``resume_latest``: resuming from the workdir's checkpoint (e.g. comparing configs);
-- ``TrainLoop.run``'s start, where the first step is known (e.g. dropping metrics logged after
-  the resumed checkpoint);
+- ``TrainLoop.__init__``: the config's fields are checked (``config_checks.validate``, before
+  anything is read or compiled), then the workdir's lease is taken (``workdir_lock``: one run per
+  workdir; a second one stops with one line naming the holder and ``--force_unlock``), unless the
+  caller already holds it for a longer span (``lease=``); ``close`` releases what it took;
+- ``TrainLoop.resume``: the newest checkpoint that restores and passes its checksums (damaged
+  newer ones are logged and set aside), its saved config diffed against this one
+  (``config_diff``: a changed defining field is refused, an accepted or safe change is logged,
+  written to ``metrics.jsonl`` and kept in the checkpoint's history), and ``metrics.jsonl``
+  truncated past the restored step so each step keeps one record;
+- ``TrainLoop._save``: the lease is checked (a run whose workdir was taken over stops without
+  writing) and buffered metrics are flushed with each checkpoint.
+
+Where later work plugs in:
+
 - ``TrainLoop.device_batch``: host batch -> device (e.g. device prefetch, uint8 images);
 - ``TrainLoop.train_step``: one step (e.g. profiler steps).
 """
@@ -31,9 +42,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import hardware, sharding
+from sycoca_jax import config_checks, config_diff, hardware, sharding, workdir_lock
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.metrics import MetricWriter
@@ -75,18 +87,6 @@ def batch_fingerprint(host_batch: HostBatch) -> int:
     return crc
 
 
-def resume_latest(
-    checkpointer: ckpt.Checkpointer, abstract_state: State, data_iterator: Any
-) -> tuple[State, str] | None:
-    """The workdir's latest checkpoint (state, and the data iterator's position restored in
-    place) and where it came from; None when the workdir holds none."""
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return None
-    state = checkpointer.restore(latest, abstract_state, data_iterator)
-    return state, f"resumed from {checkpointer.directory}/{latest}"
-
-
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How ``TrainLoop.run`` ended: the state, the last logged metrics, and whether a stop
@@ -103,6 +103,8 @@ class TrainLoop:
     ``config`` needs ``batch_size``, ``log_every_steps``, ``checkpoint_every_steps`` and
     ``keep_checkpoints``; it is saved with every checkpoint. ``flops_per_step`` (global) gives
     TFLOP/s and MFU; ``logged_keys`` are written on every log line (None where absent).
+    ``lease``: the workdir's lease when the caller holds it (released by the caller); else the
+    loop takes it (``force_unlock``: from a live holder too) and releases it on ``close``.
     """
 
     def __init__(
@@ -115,12 +117,21 @@ class TrainLoop:
         *,
         flops_per_step: float | None = None,
         logged_keys: Sequence[str] = (),
+        lease: workdir_lock.Held | None = None,
+        force_unlock: bool = False,
     ):
         self.config = config
         self.placement = placement
         self.batches = batches
         self.total_steps = total_steps
         self.logged_keys = tuple(logged_keys)
+        try:
+            config_checks.validate(config, placement.num_devices)
+            self._own_lease = lease is None
+            self.lease = lease or workdir_lock.hold_for_run(workdir, force_unlock)
+        except BaseException:
+            batches.close()  # the loop owns the iterator, however it ends
+            raise
         self.checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints)
         self.writer = MetricWriter(workdir)
         self.throughput = progress.Throughput(
@@ -139,10 +150,40 @@ class TrainLoop:
 
     def close(self) -> None:
         """Let an in-flight checkpoint finish (whatever ended the run), then release."""
-        self.checkpointer.wait()
-        self.checkpointer.close()
-        self.writer.close()
-        self.batches.close()
+        try:
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            self.writer.close()
+            self.batches.close()
+        finally:
+            if self._own_lease:
+                self.lease.release()
+
+    def resume(self, abstract_state: State) -> tuple[State, str] | None:
+        """The workdir's newest usable checkpoint (state, and the data position restored in
+        place) and where it came from; None when the workdir holds none. Either way
+        ``metrics.jsonl`` keeps only the records up to the step the run starts from."""
+        diffs: list[config_diff.ConfigDiff] = []
+
+        def check_config(saved: dict[str, Any] | None) -> None:
+            diffs.clear()
+            if saved is None:
+                logging.warning("the checkpoint holds no config: the resumed run is not compared")
+            else:
+                diffs.append(config_diff.diff_on_resume(saved, self.config))
+
+        restored = self.checkpointer.restore_latest(abstract_state, self.batches, check_config)
+        dropped = self.writer.resume_at(restored.step if restored else None)
+        if dropped:
+            logging.info("metrics.jsonl: %d record(s) past the restored step set aside", dropped)
+        if restored is None:
+            return None
+        if diffs and diffs[0]:
+            logging.warning("resuming with a changed config: %s", diffs[0].describe())
+            record = diffs[0].record()
+            self.writer.write(restored.step, record)
+            self.checkpointer.note({"step": restored.step, **record})
+        return restored.state, f"resumed from {self.checkpointer.directory}/{restored.step}"
 
     def device_batch(self, host_batch: HostBatch) -> dict[str, jax.Array]:
         """A host batch as global arrays split over the placement's batch axes."""
@@ -181,6 +222,8 @@ class TrainLoop:
         return step == self.total_steps or step % self.config.checkpoint_every_steps == 0
 
     def _save(self, step: int, state: State, force: bool) -> None:
+        self.lease.check()  # never write over a workdir another run has taken
+        self.writer.flush()
         self.checkpointer.save(step, state, self.batches, self.config, force=force)
 
     def _log(self, step: int, metrics: dict[str, jax.Array], host_batch: HostBatch) -> None:

@@ -21,8 +21,7 @@ from jax.sharding import Mesh
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import durations, losses, optim, sharding
-from sycoca_jax.models import sycoca
-from sycoca_jax.train import loop
+from sycoca_jax.models import pixels, sycoca
 
 State = dict[str, Any]
 
@@ -47,7 +46,7 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int | None = None)
     m = config.model
     b = batch_size or config.batch_size
     return {
-        "image": jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), jnp.float32),
+        "image": jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), pixels.IMAGE_DTYPE),
         "tokens": jax.ShapeDtypeStruct((b, m.max_text_len + 1), jnp.int32),
     }
 
@@ -108,11 +107,23 @@ def initial_state(setup: TrainSetup, seed: int) -> State:
         return create(jax.random.key(seed))
 
 
+def resume_latest(
+    checkpointer: ckpt.Checkpointer, abstract_state: State, data_iterator: Any
+) -> tuple[State, str] | None:
+    """The workdir's newest usable checkpoint (state, and the data iterator's position restored
+    in place; a damaged newer step is logged and set aside) and where it came from; None when
+    the workdir holds none. ``TrainLoop.resume`` also compares the configs and the metrics."""
+    restored = checkpointer.restore_latest(abstract_state, data_iterator)
+    if restored is None:
+        return None
+    return restored.state, f"resumed from {checkpointer.directory}/{restored.step}"
+
+
 def restore_or_init(
     setup: TrainSetup, checkpointer: ckpt.Checkpointer, data_iterator: Any
 ) -> tuple[State, str]:
     """The documented initialisation order; returns the state and where it came from."""
-    resumed = loop.resume_latest(checkpointer, setup.abstract_state, data_iterator)
+    resumed = resume_latest(checkpointer, setup.abstract_state, data_iterator)
     return resumed or init_without_workdir(setup, data_iterator)
 
 
