@@ -298,6 +298,9 @@ def train_fields(size: str, data: str) -> dict:
         keep_checkpoints=3,
         profile_steps="",  # "a,b": jax.profiler trace of steps a..b into <workdir>/profile
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Resuming with fields that define the run changed (batch size, data, model, optimiser,
+        # ...) is refused; list the dotted keys accepted anyway, e.g. "optim.lr,batch_size".
+        allow_config_change="",
         # Persistent compilation cache (local or gs://); unset: $JAX_COMPILATION_CACHE_DIR, which
         # the launchers set, else none.
         compilation_cache_dir=placeholder(str),
