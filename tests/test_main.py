@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import sharding, train
+from sycoca_jax import config_diff, sharding, train
 from sycoca_jax.metrics import read_metrics
 from sycoca_jax.tools import inspect_checkpoint
 from sycoca_jax.train import pretrain, profiling
@@ -101,6 +101,11 @@ def test_incompatible_checkpoint_names_the_parameters(tiny_run):
     other = config.copy_and_resolve_references()
     other.model.vocab_size = 1024
     other.total_steps = 61
+    # The changed model is refused first, by the config comparison on resume ...
+    with pytest.raises(config_diff.ConfigChangedError, match=r"model.vocab_size.*512.*1024"):
+        train.train_and_evaluate(other, workdir)
+    # ... and, once accepted, by the checkpoint's shapes, naming each parameter.
+    other.allow_config_change = "model.vocab_size"
     expected = (
         r"text_encoder/token_embedding/embedding: checkpoint \(512, 64\) vs model \(1024, 64\)"
     )
