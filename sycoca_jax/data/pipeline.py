@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sycoca_jax.data import sources, transforms
 from sycoca_jax.data.skipping import DropSkippedIterDataset, SkipCountingIterator
-from sycoca_jax.data.tokenizer import Tokenizer, load_tokenizer
+from sycoca_jax.data.tokenizer import Tokenizer, check_model_fits, load_tokenizer
 
 PREFETCH_KINDS = ("thread", "process")
 EVAL_TASKS = ("retrieval", "captioning", "classification", "validation")
@@ -260,12 +260,7 @@ def padded_eval_batches(
 
 def _tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but "
-            f"config.model.vocab_size is {config.model.vocab_size}; raise the model's vocab_size "
-            "or use a smaller tokenizer"
-        )
+    check_model_fits(tokenizer, config.model)
     return tokenizer
 
 

@@ -1,0 +1,2 @@
+"""Interoperability with open_clip's CoCa: its model configs as SyCoCa fields (``open_clip_config``)
+and its weights as SyCoCa parameters and back (``open_clip_weights``)."""
