@@ -2,8 +2,9 @@
 
 One table of rules (``rules(model)``) serves both directions: each names open_clip keys, our
 parameter paths (in the unrolled layout; scanned models are stacked after / unstacked before)
-and the two layout changes between them. Reading weights uses ``safetensors`` only: pickled
-PyTorch files are refused, never unpickled.
+and the two layout changes between them, written for numpy (the data) and ``jax.numpy`` alike
+(``jax.eval_shape`` gives the state dict's shapes without allocating it: ``state_dict_shapes``).
+Weights are read with ``safetensors`` only: pickled PyTorch files are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sycoca_jax.interop.open_clip_config import check_open_clip_layout
 from sycoca_jax.models import sycoca
 from sycoca_jax.models.sycoca import SyCoCa
 
-Arrays = list[np.ndarray]
+Arrays = list[Any]  # numpy arrays, or jax tracers under ``jax.eval_shape``
 Path = tuple[str, ...]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONVERT_HINT = (
@@ -39,6 +42,15 @@ class Rule(NamedTuple):
     save: Callable[[Arrays], Arrays]
 
 
+def _xp(x: Any) -> Any:
+    """The array namespace of ``x``: numpy for data, jax.numpy under tracing."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def _transpose(x: Any) -> Any:
+    return x.T
+
+
 def _one(theirs: str, ours: Path, load=lambda x: x, save=lambda x: x) -> Rule:
     return Rule((theirs,), (ours,), lambda xs: [load(xs[0])], lambda xs: [save(xs[0])])
 
@@ -46,7 +58,7 @@ def _one(theirs: str, ours: Path, load=lambda x: x, save=lambda x: x) -> Rule:
 def _linear(theirs: str, ours: Path) -> list[Rule]:
     """torch Linear (weight (out, in), bias) <-> Dense (kernel (in, out), bias)."""
     return [
-        _one(f"{theirs}.weight", ours + ("kernel",), np.transpose, np.transpose),
+        _one(f"{theirs}.weight", ours + ("kernel",), _transpose, _transpose),
         _one(f"{theirs}.bias", ours + ("bias",)),
     ]
 
@@ -70,8 +82,8 @@ def _attention(theirs: str, ours: Path, heads: int, packed: bool) -> list[Rule]:
         Rule(
             (f"{theirs}.in_proj_bias",),
             tuple(ours + (n, "bias") for n in names),
-            lambda xs: [b.reshape(heads, -1) for b in np.split(xs[0], 3)],
-            lambda xs: [np.concatenate([b.reshape(-1) for b in xs])],
+            lambda xs: [b.reshape(heads, -1) for b in _xp(xs[0]).split(xs[0], 3)],
+            lambda xs: [_xp(xs[0]).concatenate([b.reshape(-1) for b in xs])],
         ),
         _one(
             f"{theirs}.out_proj.weight",
@@ -86,8 +98,8 @@ def _attention(theirs: str, ours: Path, heads: int, packed: bool) -> list[Rule]:
             Rule(
                 (f"{theirs}.in_proj_weight",),
                 tuple(ours + (n, "kernel") for n in names),
-                lambda xs: [to_heads(w) for w in np.split(xs[0], 3)],
-                lambda xs: [np.concatenate([from_heads(k) for k in xs])],
+                lambda xs: [to_heads(w) for w in _xp(xs[0]).split(xs[0], 3)],
+                lambda xs: [_xp(xs[0]).concatenate([from_heads(k) for k in xs])],
             )
         )
     else:
@@ -299,19 +311,28 @@ def to_params(
     return params, new_heads
 
 
-def to_state_dict(params: Mapping[str, Any], model: SyCoCa) -> tuple[dict[str, np.ndarray], list]:
-    """``model``'s params -> open_clip's state dict (float32), and the top-level subtrees that
-    open_clip has no place for (dropped, e.g. ``tgmim_decoder``)."""
-    table = rules(model)
-    tree = _tree_map(lambda x: np.asarray(x, np.float32), dict(params))
-    tree = unstack_blocks(tree) if model.scan else tree
+def _saved(params: Mapping[str, Any], model: SyCoCa) -> dict[str, Any]:
+    tree = unstack_blocks(params) if model.scan else params
     state = {}
-    for rule in table:
-        arrays = rule.save([_get(tree, path) for path in rule.ours])
-        for key, array in zip(rule.theirs, arrays, strict=True):
-            state[key] = np.array(array, np.float32, order="C")  # (ascontiguousarray makes 0-d 1-d)
-    used = {path[0] for rule in table for path in rule.ours}
-    return state, sorted(set(tree) - used)
+    for rule in rules(model):
+        state.update(zip(rule.theirs, rule.save([_get(tree, p) for p in rule.ours]), strict=True))
+    return state
+
+
+def to_state_dict(params: Mapping[str, Any], model: SyCoCa) -> tuple[dict[str, np.ndarray], list]:
+    """``model``'s params -> open_clip's state dict (float32 numpy), and the top-level subtrees
+    that open_clip has no place for (dropped, e.g. ``tgmim_decoder``)."""
+    arrays = _tree_map(lambda x: np.asarray(x, np.float32), params)
+    state = {k: np.array(v, np.float32, order="C") for k, v in _saved(arrays, model).items()}
+    used = {path[0] for rule in rules(model) for path in rule.ours}
+    return state, sorted(set(params) - used)
+
+
+def state_dict_shapes(model: SyCoCa) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``model``'s open_clip state dict, computed without allocating it."""
+    abstract = sycoca.abstract_params(model)
+    shapes = jax.eval_shape(lambda p: _saved(p, model), abstract)
+    return {k: tuple(v.shape) for k, v in shapes.items()}
 
 
 # ------------------------------------------------------------------------------ files

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from etils import epath
 from flax import linen as nn
 
 from sycoca_jax import checkpoint as ckpt
@@ -63,11 +64,21 @@ def build_config(
     )
 
 
-def _init_params(model: sycoca.SyCoCa, seed: int) -> Any:
-    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, model.max_text_len + 1), jnp.int32)
-    rngs = {"params": jax.random.key(seed), "masking": jax.random.key(seed + 1)}
-    return nn.unbox(jax.jit(model.init)(rngs, images, tokens)["params"])
+def new_heads_init(model: sycoca.SyCoCa, seed: int) -> Any:
+    """Parameters of the heads open_clip lacks (the TG-MIM decoder), created by running only that
+    head: initialising the whole model would compile its whole forward pass."""
+
+    def create(m: sycoca.SyCoCa) -> None:
+        dtype = jnp.dtype(m.dtype)
+        m.tgmim_decoder(
+            jnp.zeros((1, 1, m.image_width), dtype),
+            jnp.zeros((1, 1), jnp.int32),
+            jnp.zeros((1, m.max_text_len, m.text_width), dtype),
+            jnp.ones((1, m.max_text_len), bool),
+        )
+
+    init = jax.jit(lambda rng: model.init({"params": rng}, method=create)["params"])
+    return nn.unbox(init(jax.random.key(seed)))
 
 
 def _check_tokenizer(reference: str | None, fields: dict[str, Any]) -> None:
@@ -91,7 +102,7 @@ def import_open_clip(
 ) -> dict[str, Any]:
     """Write ``weights`` (an open_clip CoCa state dict) as step 0 of ``workdir``; returns what
     was done (``tensors``, ``new_heads``, ``checkpoint``)."""
-    directory = ckpt.checkpoint_dir(workdir)
+    directory = epath.Path(workdir) / ckpt.CHECKPOINT_DIR
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
     config = build_config(model, objective, scan, cls_mask, tokenizer)
@@ -99,7 +110,7 @@ def import_open_clip(
     _check_tokenizer(config["data"]["tokenizer"], fields)
     net = sycoca.SyCoCa(**fields)
     state = open_clip_weights.read_safetensors(weights)
-    params, new_heads = open_clip_weights.to_params(state, net, lambda: _init_params(net, seed))
+    params, new_heads = open_clip_weights.to_params(state, net, lambda: new_heads_init(net, seed))
     if new_heads:
         logging.info("freshly initialised (open_clip has no such head): %s", ", ".join(new_heads))
     checkpointer = ckpt.Checkpointer(workdir, async_save=False)
@@ -109,7 +120,7 @@ def import_open_clip(
         checkpointer.wait()
     finally:
         checkpointer.close()
-    where = str(ckpt.checkpoint_dir(workdir) / "0")
+    where = str(directory / "0")
     logging.info("imported %d open_clip tensors from %s into %s", len(state), weights, where)
     return dict(tensors=len(state), new_heads=new_heads, checkpoint=where, config=config)
 
