@@ -90,4 +90,4 @@ def test_import_continue_as_sycoca_evaluate_export(tmp_path, data_dir):
         if start.size >= 1024 and start.std() > 0:
             assert not np.array_equal(back[key], start), key
             corr = np.corrcoef(back[key].ravel(), start.ravel())[0, 1]
-            assert corr > 0.5, (key, corr)
+            assert corr > 0.2, (key, corr)  # measured: min 0.54, median 0.92; fresh: ~0
