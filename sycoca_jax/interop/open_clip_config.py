@@ -23,6 +23,11 @@ from typing import Any
 
 from sycoca_jax.data.tokenizer import SENTENCEPIECE_IDS, SpecialIds
 
+
+class OpenClipError(ValueError):
+    """open_clip weights or a config we cannot use as asked; the message says why and the fix."""
+
+
 CLIP_IDS = SpecialIds(pad=0, bos=49406, eos=49407)  # CLIP BPE: pad 0, <start/end_of_text>
 
 # open_clip's defaults for every key we read (``CLIPVisionCfg``, ``CLIPTextCfg``,
@@ -219,7 +224,7 @@ OBJECTIVES = {
 
 
 def _fail(where: str, key: str, value: Any, why: str) -> None:
-    raise ValueError(f"open_clip {where}.{key}={value!r} is not supported: {why}")
+    raise OpenClipError(f"open_clip {where}.{key}={value!r} is not supported: {why}")
 
 
 def _read(cfg: dict[str, Any], defaults: dict[str, Any], where: str) -> dict[str, Any]:
@@ -333,7 +338,7 @@ def check_open_clip_layout(fields: dict[str, Any]) -> None:
         need["embed_dim"] = f"text_width ({fields.get('text_width')})"
     if wrong:
         detail = ", ".join(f"{k}={v!r} (needs {need[k]!r})" for k, v in wrong.items())
-        raise ValueError(f"not an open_clip CoCa layout: {detail}")
+        raise OpenClipError(f"not an open_clip CoCa layout: {detail}")
 
 
 def open_clip_config(fields: dict[str, Any]) -> dict[str, Any]:
@@ -385,7 +390,9 @@ def preset(name: str) -> dict[str, Any]:
         with open(name, encoding="utf-8") as f:
             return json.load(f)
     if name not in OPEN_CLIP_MODELS:
-        raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(OPEN_CLIP_MODELS)}")
+        raise OpenClipError(
+            f"unknown open_clip model {name!r}; known: {', '.join(OPEN_CLIP_MODELS)}"
+        )
     return copy.deepcopy(OPEN_CLIP_MODELS[name])
 
 
@@ -393,7 +400,7 @@ def model_config(name: str, objective: str = "coca") -> dict[str, Any]:
     """Every SyCoCa field a preset sets: the architecture, the objective's switches, the TG-MIM
     head (for ``sycoca``) and the compute layout (``scan``, ``dtype``)."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+        raise OpenClipError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     _, special = TOKENIZERS.get(name, ("clip_bpe", CLIP_IDS))
     fields = model_fields(preset(name), special)
     tiny = name == "coca_tiny"

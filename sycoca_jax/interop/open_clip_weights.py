@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sycoca_jax.interop.open_clip_config import check_open_clip_layout
+from sycoca_jax.interop.open_clip_config import OpenClipError, check_open_clip_layout
 from sycoca_jax.models import sycoca
 from sycoca_jax.models.sycoca import SyCoCa
 
@@ -277,7 +277,7 @@ def to_params(
     expected = {k for rule in table for k in rule.theirs}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(
+        raise OpenClipError(
             "the weights do not match this open_clip CoCa config: "
             + (f"missing keys: {_listing(missing)}" if missing else "")
             + ("; " if missing and unexpected else "")
@@ -294,13 +294,13 @@ def to_params(
                 wrong.append(f"{'/'.join(path)}: {array.shape} vs model {target[path]}")
             _set(params, path, np.array(array, np.float32, order="C"))
     if wrong:
-        raise ValueError(f"open_clip weights do not fit the model's shapes: {_listing(wrong)}")
+        raise OpenClipError(f"open_clip weights do not fit the model's shapes: {_listing(wrong)}")
     covered = {path for rule in table for path in rule.ours}
     uncovered = [path for path in target if path not in covered]
     new_heads = sorted({path[0] for path in uncovered})
     partial = [n for n in new_heads if n in params]
     if partial:
-        raise ValueError(f"parameters of {partial} have no open_clip counterpart")  # a bug here
+        raise RuntimeError(f"rules() misses parameters of {partial}")  # a bug, not the input's
     params = stack_blocks(params) if model.scan else params
     if new_heads:
         if init is None:
@@ -344,12 +344,12 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"no weights file at {path!r}")
     kind = _file_kind(path)
     if kind == "pickle" or path.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(
+        raise OpenClipError(
             f"{path} is a pickled PyTorch file, which is never unpickled here; "
             + CONVERT_HINT.replace("IN", path)
         )
     if kind != "safetensors":
-        raise ValueError(f"{path} is not a .safetensors file (its header does not parse)")
+        raise OpenClipError(f"{path} is not a .safetensors file (its header does not parse)")
     out = {}
     with safe_open(path, framework="flax") as f:
         for key in f.keys():

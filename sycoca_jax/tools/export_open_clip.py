@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -37,7 +38,7 @@ def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[st
     layout, and its open_clip model config beside it; returns ``tensors``, ``dropped``,
     ``notes``, ``config_path``."""
     if not out.endswith(".safetensors"):
-        raise ValueError(f"--out must name a .safetensors file, got {out!r}")
+        raise open_clip_config.OpenClipError(f"--out must name a .safetensors file, got {out!r}")
     step, _ = ckpt.params_metadata(workdir, step)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir).parent, async_save=False)
     try:
@@ -73,7 +74,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     f = flags.FLAGS
-    done = export_open_clip(f.workdir, f.out, f.step)
+    try:
+        done = export_open_clip(f.workdir, f.out, f.step)
+    except (open_clip_config.OpenClipError, FileNotFoundError) as e:
+        sys.exit(f"export_open_clip: {e}")  # the input's fault: one line, no traceback
     print(f"wrote {f.out} ({done['tensors']} tensors) and {done['config_path']}")
     for note in done["notes"]:
         print(f"note: {note}")

@@ -27,6 +27,7 @@ reference (``clip_bpe``: CLIP's BPE from the installed open_clip package).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -130,9 +131,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     f = flags.FLAGS
-    done = import_open_clip(
-        f.model, f.weights, f.workdir, f.objective, f.scan, f.cls_mask, f.tokenizer, f.seed
-    )
+    try:
+        done = import_open_clip(
+            f.model, f.weights, f.workdir, f.objective, f.scan, f.cls_mask, f.tokenizer, f.seed
+        )
+    except (open_clip_config.OpenClipError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"import_open_clip: {e}")  # the input's fault: one line, no traceback
     print(
         f"wrote {done['checkpoint']}: {done['tensors']} open_clip tensors"
         + (f"; new: {', '.join(done['new_heads'])}" if done["new_heads"] else "")
