@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from sycoca_jax.config_args import load_config
 from sycoca_jax.interop import open_clip_config, open_clip_weights
 from sycoca_jax.models import sycoca
 from sycoca_jax.tools import export_open_clip, import_open_clip
+from tests.helpers import ROOT
 from tests.interop import golden
 
 
@@ -131,3 +133,19 @@ def test_unsupported_open_clip_configs_are_named(where, key, value, message):
     (config if where is None else config[where])[key] = value
     with pytest.raises(ValueError, match=f"{key}={value!r}.*{message}"):
         open_clip_config.model_fields(config)
+
+
+@pytest.mark.parametrize("arg", ["coca_ViT-B-32", "model=coca_base,objective=coca,data=cc3m"])
+def test_the_config_file_builds_the_preset(arg):
+    """configs/open_clip.py: the preset's model over configs/sycoca.py's training recipe, the
+    CLIP tokenizer, and initialisation of exactly the parts open_clip provides."""
+    config = load_config(f"{ROOT / 'configs' / 'open_clip.py'}:{arg}")
+    name, objective = config.size, config.objective
+    fields = open_clip_config.model_config(name, objective)
+    assert {k: config.model[k] for k in fields} == fields
+    assert sycoca.from_config(config.model) == sycoca.SyCoCa(**fields)
+    assert config.data.tokenizer == "clip_bpe"
+    rules = open_clip_weights.rules(sycoca.SyCoCa(**fields))
+    assert set(config.init.subtrees) == {path[0] for rule in rules for path in rule.ours}
+    with pytest.raises(ValueError, match="unknown open_clip model 'coca_ViT-H-14'"):
+        load_config(f"{ROOT / 'configs' / 'open_clip.py'}:coca_ViT-H-14")
