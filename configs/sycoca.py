@@ -20,9 +20,60 @@ from __future__ import annotations
 import ml_collections
 
 from sycoca_jax.config_args import parse_arg
+from sycoca_jax.evaluation import registry
+from sycoca_jax.models import vit
 
-# Text side per image-tower size: CoCa Table 1 (Base: 12 + 12 layers, width 768, 12 heads;
+
+def image_tower(variant: str) -> dict:
+    """``SyCoCa``'s image-tower fields of a ViT variant (``"B/16"``) from the one variant table,
+    ``sycoca_jax.models.vit.VIT_VARIANTS``."""
+    v = vit.decode_variant(variant)
+    return dict(
+        patch_size=v["patch_size"],
+        image_width=v["width"],
+        image_depth=v["depth"],
+        image_heads=v["num_heads"],
+        image_mlp_dim=v["mlp_dim"],
+    )
+
+
+# Text side and heads per ViT width: CoCa Table 1 (Base: 12 + 12 layers, width 768, 12 heads;
 # Large: width 1024, 16 heads). S is our scaled-down point: ViT-S with a 6 + 6 layer text side.
+TEXT_SIDES = {
+    "S": dict(
+        text_width=384,
+        text_depth=6,
+        multimodal_depth=6,
+        text_heads=6,
+        text_mlp_dim=1536,
+        embed_dim=384,
+        caption_queries=256,
+        pooler_heads=6,
+    ),
+    "B": dict(
+        text_width=768,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=12,
+        text_mlp_dim=3072,
+        embed_dim=512,
+        caption_queries=256,
+        pooler_heads=8,
+    ),
+    "L": dict(
+        text_width=1024,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=16,
+        text_mlp_dim=4096,
+        embed_dim=768,
+        caption_queries=256,
+        pooler_heads=16,
+    ),
+}
+
+# Every model size: ``tiny`` (for CPUs) spelled out, the others a ViT variant at 224 px plus the
+# text side of its width.
 SIZES = {
     "tiny": dict(
         image_size=64,
@@ -48,58 +99,13 @@ SIZES = {
         dtype="float32",
         scan=False,
     ),
-    "S/16": dict(
-        image_size=224,
-        patch_size=16,
-        image_width=384,
-        image_depth=12,
-        image_heads=6,
-        image_mlp_dim=1536,
-        text_width=384,
-        text_depth=6,
-        multimodal_depth=6,
-        text_heads=6,
-        text_mlp_dim=1536,
-        embed_dim=384,
-        caption_queries=256,
-        pooler_heads=6,
-    ),
-    "B/16": dict(
-        image_size=224,
-        patch_size=16,
-        image_width=768,
-        image_depth=12,
-        image_heads=12,
-        image_mlp_dim=3072,
-        text_width=768,
-        text_depth=12,
-        multimodal_depth=12,
-        text_heads=12,
-        text_mlp_dim=3072,
-        embed_dim=512,
-        caption_queries=256,
-        pooler_heads=8,
-    ),
-    "L/14": dict(
-        image_size=224,
-        patch_size=14,
-        image_width=1024,
-        image_depth=24,
-        image_heads=16,
-        image_mlp_dim=4096,
-        text_width=1024,
-        text_depth=12,
-        multimodal_depth=12,
-        text_heads=16,
-        text_mlp_dim=4096,
-        embed_dim=768,
-        caption_queries=256,
-        pooler_heads=16,
-    ),
+    **{
+        variant: dict(image_size=224, **image_tower(variant), **TEXT_SIDES[variant.split("/")[0]])
+        for variant in ("S/16", "B/16", "B/32", "L/14")
+    },
 }
-SIZES["B/32"] = {**SIZES["B/16"], "patch_size": 32}  # Base with 32-pixel patches
 
-# Defaults shared by every non-tiny size (tiny overrides some of them).
+# Defaults of every non-tiny size (tiny spells out its own values in SIZES).
 LARGE_DEFAULTS = dict(
     vocab_size=64_000,
     max_text_len=76,
@@ -214,35 +220,15 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def eval_entry(kind: str, split: str, dataset: str | None = None, **fields) -> dict:
-    """One ``config.evals`` entry (``sycoca_jax.evaluation.registry``); ``dataset`` unset = the
-    training data's dataset. ``every_steps`` > 0 also runs it during training (and at the end)."""
-    defaults = dict(
-        zeroshot=dict(templates="clip_imagenet"),
-        retrieval=dict(),
-        captioning=dict(
-            decode="beam",  # greedy | beam | sample
-            num_beams=3,
-            length_penalty=0.6,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            seed=0,
-            max_len=ml_collections.config_dict.placeholder(int),  # unset: model.max_text_len
-            print_examples=5,
-        ),
-    )[kind]
-    entry = dict(
-        kind=kind,
-        dataset=ml_collections.config_dict.placeholder(str) if dataset is None else dataset,
-        split=split,
-        batch_size=256,
-        every_steps=0,
-        num_examples=-1,  # -1: the whole split
-        **defaults,
-    )
-    entry.update(fields)
-    return entry
+def eval_entry(
+    kind: str, split: str, dataset: str | None = None, **fields
+) -> ml_collections.ConfigDict:
+    """One ``config.evals`` entry: ``kind`` and every field of that evaluator's ``Settings``
+    (``sycoca_jax.evaluation.registry``; an unknown field is an error), defaults overridden by
+    ``fields``. ``dataset`` unset = the training data's dataset; ``every_steps`` > 0 also runs it
+    during training (and at the end); ``required`` True fails before training when the model
+    cannot run it (otherwise such an entry is dropped with one log line)."""
+    return registry.entry_config(kind, split=split, dataset=dataset, **fields)
 
 
 def evals_config(size: str, data: str) -> ml_collections.ConfigDict:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from sycoca_jax.data import iterator_state
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -26,7 +27,7 @@ class IncompatibleCheckpointError(ValueError):
 def _handlers() -> dict[str, Any]:
     return {
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": iterator_state.DataStateHandler(),  # grain's, resumable on another layout
         "config": ocp.JsonCheckpointHandler(),
     }
 
@@ -89,7 +90,7 @@ class Checkpointer:
     ) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = iterator_state.DataStateSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
                 config.to_dict() if hasattr(config, "to_dict") else config
@@ -108,7 +109,7 @@ class Checkpointer:
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = iterator_state.DataStateRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def restore_config(self, step: int) -> dict[str, Any]:

@@ -522,7 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.write(step, validation_metrics(setup, eval_step, state["params"]))
                 due = registry.due(config, step, last_step)
                 if due:
-                    context = EvalContext(setup.model, state["params"], config, mesh, setup.rules)
+                    placement = sharding.Placement(mesh, setup.rules)
+                    context = EvalContext.for_model(setup.model, state["params"], config, placement)
                     results = registry.run(context, due)
                     writer.write(step, registry.flatten(results))
                     registry.write_results(workdir, step, results)

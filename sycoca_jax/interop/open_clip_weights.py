@@ -10,7 +10,6 @@ Weights are read with ``safetensors`` only: pickled PyTorch files are refused, n
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sycoca_jax.interop.open_clip_config import OpenClipError, check_open_clip_layout
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import convert, sycoca
 from sycoca_jax.models.sycoca import SyCoCa
 
 Arrays = list[Any]  # numpy arrays, or jax tracers under ``jax.eval_shape``
@@ -202,42 +201,6 @@ def model_fields_of(model: SyCoCa) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ tree helpers
-_BLOCK = re.compile(r"block_(\d+)")
-
-
-def stack_blocks(tree: Any) -> Any:
-    """Unrolled ``block_i`` subtrees -> one ``blocks`` subtree with a leading layers axis (the
-    ``nn.scan`` layout of ``layers.BlockStack``)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    if tree and all(_BLOCK.fullmatch(k) for k in tree):
-        blocks = [tree[f"block_{i}"] for i in range(len(tree))]
-        return {"blocks": _tree_map(lambda *xs: np.stack(xs), *blocks)}
-    return {k: stack_blocks(v) for k, v in tree.items()}
-
-
-def unstack_blocks(tree: Any) -> Any:
-    """Inverse of ``stack_blocks``."""
-    if not isinstance(tree, Mapping):
-        return tree
-    if set(tree) == {"blocks"}:
-        depth = len(_leaves(tree["blocks"])[0])
-        return {f"block_{i}": _tree_map(lambda x, i=i: x[i], tree["blocks"]) for i in range(depth)}
-    return {k: unstack_blocks(v) for k, v in tree.items()}
-
-
-def _tree_map(fn: Callable, *trees: Any) -> Any:
-    if isinstance(trees[0], Mapping):
-        return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
-    return fn(*trees)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, Mapping):
-        return [leaf for v in tree.values() for leaf in _leaves(v)]
-    return [tree]
-
-
 def _get(tree: dict, path: Path) -> Any:
     for key in path:
         tree = tree[key]
@@ -301,18 +264,18 @@ def to_params(
     partial = [n for n in new_heads if n in params]
     if partial:
         raise RuntimeError(f"rules() misses parameters of {partial}")  # a bug, not the input's
-    params = stack_blocks(params) if model.scan else params
+    params = convert.to_scanned(params) if model.scan else params
     if new_heads:
         if init is None:
             raise ValueError(f"{new_heads} have no open_clip counterpart and no init was given")
         fresh = init()
         for name in new_heads:
-            params[name] = _tree_map(np.asarray, fresh[name])
+            params[name] = jax.tree.map(np.asarray, fresh[name])
     return params, new_heads
 
 
 def _saved(params: Mapping[str, Any], model: SyCoCa) -> dict[str, Any]:
-    tree = unstack_blocks(params) if model.scan else params
+    tree = convert.to_unrolled(params)
     state = {}
     for rule in rules(model):
         state.update(zip(rule.theirs, rule.save([_get(tree, p) for p in rule.ours]), strict=True))
@@ -322,7 +285,7 @@ def _saved(params: Mapping[str, Any], model: SyCoCa) -> dict[str, Any]:
 def to_state_dict(params: Mapping[str, Any], model: SyCoCa) -> tuple[dict[str, np.ndarray], list]:
     """``model``'s params -> open_clip's state dict (float32 numpy), and the top-level subtrees
     that open_clip has no place for (dropped, e.g. ``tgmim_decoder``)."""
-    arrays = _tree_map(lambda x: np.asarray(x, np.float32), params)
+    arrays = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
     state = {k: np.array(v, np.float32, order="C") for k, v in _saved(arrays, model).items()}
     used = {path[0] for rule in rules(model) for path in rule.ours}
     return state, sorted(set(params) - used)
