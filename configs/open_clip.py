@@ -1,6 +1,6 @@
 r"""Continue pretraining an open_clip CoCa as SyCoCa (or CoCa), in open_clip's exact architecture.
 
-The model is open_clip 3.3.0's ``model`` (``sycoca_jax.interop.open_clip_config``: its shapes,
+The model is open_clip 3.3.0's ``model`` (``sycoca_jax.interop.open_clip_presets``: its shapes,
 class token, LayerNorm epsilon 1e-5, exact GELU, legacy CLS mask, two-block multimodal layers),
 plus a new TG-MIM head for ``objective=sycoca``; its tokenizer is CLIP's BPE (``clip_bpe``: the
 vocabulary of the installed open_clip package). Everything else (data, optimiser, mesh,
@@ -29,7 +29,7 @@ import pathlib
 import ml_collections
 
 from sycoca_jax.config_args import parse_arg
-from sycoca_jax.interop import open_clip_config
+from sycoca_jax.interop import open_clip_presets
 
 
 def _base_config(arg: str) -> ml_collections.ConfigDict:
@@ -49,9 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = _base_config(
         f"size={'tiny' if tiny else 'B/16'},objective={args.objective},data={args.data}"
     )
-    fields = open_clip_config.model_config(args.model, args.objective)
+    fields = open_clip_presets.model_config(args.model, args.objective)
     config.size = args.model
     config.model.update(fields)
-    config.data.tokenizer = open_clip_config.TOKENIZERS.get(args.model, ("clip_bpe",))[0]
-    config.init.subtrees = open_clip_config.imported_subtrees(fields)
+    config.data.tokenizer = open_clip_presets.TOKENIZERS.get(args.model, ("clip_bpe",))[0]
+    config.init.subtrees = open_clip_presets.imported_subtrees(fields)
     return config

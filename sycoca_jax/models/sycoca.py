@@ -9,7 +9,7 @@ Setting ``use_tgmim=False, caption_masking="none"`` gives CoCa; also ``use_capti
 CLIP.
 
 The open_clip fields (``layer_norm_epsilon`` ... ``layer_layout``) default to our architecture;
-``sycoca_jax.interop.presets`` sets them to reproduce an open_clip CoCa exactly. With
+``sycoca_jax.interop.open_clip_config`` sets them to reproduce an open_clip CoCa exactly. With
 ``class_token`` the image encoder's states carry the class token first: it goes to the poolers
 and is always encoded when a branch re-encodes a subset, but it is never a maskable patch, so
 relevance scores, masks and the TG-MIM decoder cover the patches only.

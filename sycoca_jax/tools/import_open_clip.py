@@ -38,7 +38,7 @@ from flax import linen as nn
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.data import tokenizer as tokenizers
-from sycoca_jax.interop import open_clip_config, open_clip_weights
+from sycoca_jax.interop import open_clip_config, open_clip_presets, open_clip_weights
 from sycoca_jax.models import sycoca
 
 
@@ -50,12 +50,12 @@ def build_config(
     tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """The config stored with the imported weights: the model fields and the tokenizer."""
-    fields = open_clip_config.model_config(model, objective)
+    fields = open_clip_presets.model_config(model, objective)
     fields["cls_mask"] = cls_mask
     if scan is not None:
         fields["scan"] = scan
     if tokenizer is None:
-        tokenizer = open_clip_config.TOKENIZERS.get(model, ("clip_bpe",))[0]
+        tokenizer = open_clip_presets.TOKENIZERS.get(model, ("clip_bpe",))[0]
     return dict(
         size=os.path.basename(model),
         objective=objective,
@@ -148,7 +148,7 @@ def define_flags() -> None:
     flags.DEFINE_string("model", None, "open_clip model name (coca_ViT-B-32, ...) or config .json")
     flags.DEFINE_string("weights", None, "the open_clip state dict, .safetensors")
     flags.DEFINE_string("workdir", None, "where the checkpoint goes (a new directory)")
-    flags.DEFINE_enum("objective", "coca", list(open_clip_config.OBJECTIVES), "heads to build")
+    flags.DEFINE_enum("objective", "coca", list(open_clip_presets.OBJECTIVES), "heads to build")
     flags.DEFINE_bool("scan", None, "stacked (scanned) layers; default: the preset's")
     flags.DEFINE_enum("cls_mask", "legacy", ["legacy", "corrected"], "the weights' CLS mask")
     flags.DEFINE_string("tokenizer", None, "tokenizer reference; default: the preset's")

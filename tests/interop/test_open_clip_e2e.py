@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from sycoca_jax import evaluate, train
 from sycoca_jax.config_args import load_config
-from sycoca_jax.interop import open_clip_config, open_clip_weights
+from sycoca_jax.interop import open_clip_presets, open_clip_weights
 from sycoca_jax.metrics import read_metrics
 from sycoca_jax.models import sycoca
 from sycoca_jax.tools import export_open_clip, import_open_clip
@@ -44,7 +44,7 @@ def random_open_clip_state(fields: dict, seed: int = 0) -> dict[str, np.ndarray]
 def test_import_continue_as_sycoca_evaluate_export(tmp_path, data_dir):
     from safetensors.numpy import save_file
 
-    fields = open_clip_config.model_config("coca_tiny", "coca")
+    fields = open_clip_presets.model_config("coca_tiny", "coca")
     weights = str(tmp_path / "open_clip_model.safetensors")
     original = random_open_clip_state(fields)
     save_file(original, weights)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sycoca_jax.config_args import load_config
-from sycoca_jax.interop import open_clip_config, open_clip_weights
+from sycoca_jax.interop import open_clip_config, open_clip_presets, open_clip_weights
 from sycoca_jax.models import sycoca
 from sycoca_jax.tools import export_open_clip, import_open_clip
 from tests.helpers import ROOT
@@ -52,7 +52,7 @@ def test_presets_have_open_clips_exact_shapes(name):
     model configs/open_clip.py builds (scanned layers), computed without allocating weights."""
     with gzip.open(golden.DIRECTORY / "preset_shapes.json.gz", "rt") as f:
         want = {k: tuple(v) for k, v in json.load(f)[name].items()}
-    fields = open_clip_config.model_config(name, "sycoca")
+    fields = open_clip_presets.model_config(name, "sycoca")
     assert fields["scan"]
     assert open_clip_weights.state_dict_shapes(sycoca.SyCoCa(**fields)) == want
 
@@ -129,7 +129,7 @@ def test_layouts_open_clip_cannot_hold_are_refused():
     ],
 )
 def test_unsupported_open_clip_configs_are_named(where, key, value, message):
-    config = open_clip_config.preset("coca_ViT-B-32")
+    config = open_clip_presets.preset("coca_ViT-B-32")
     (config if where is None else config[where])[key] = value
     with pytest.raises(ValueError, match=f"{key}={value!r}.*{message}"):
         open_clip_config.model_fields(config)
@@ -141,7 +141,7 @@ def test_the_config_file_builds_the_preset(arg):
     CLIP tokenizer, and initialisation of exactly the parts open_clip provides."""
     config = load_config(f"{ROOT / 'configs' / 'open_clip.py'}:{arg}")
     name, objective = config.size, config.objective
-    fields = open_clip_config.model_config(name, objective)
+    fields = open_clip_presets.model_config(name, objective)
     assert {k: config.model[k] for k in fields} == fields
     assert sycoca.from_config(config.model) == sycoca.SyCoCa(**fields)
     assert config.data.tokenizer == "clip_bpe"
