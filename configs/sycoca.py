@@ -115,6 +115,9 @@ LARGE_DEFAULTS = dict(
     decoder_mlp_dim=2048,
     dtype="bfloat16",
     scan=True,
+    # cuDNN flash attention on GPUs, splash attention on TPUs where shapes allow, else XLA
+    # (sycoca_jax.models.attention.choose).
+    attention_impl="auto",
 )
 
 OBJECTIVES = {
@@ -295,6 +298,9 @@ def train_fields(size: str, data: str) -> dict:
         checkpoint_every_steps=500 if tiny else 2000,
         keep_checkpoints=3,
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Persistent compilation cache (local or gs://); unset: $JAX_COMPILATION_CACHE_DIR, which
+        # the launchers set, else none.
+        compilation_cache_dir=placeholder(str),
         # Transfer init: copy these parameter subtrees from a checkpoint before training.
         init=ml_collections.ConfigDict(
             dict(checkpoint=placeholder(str), subtrees=("image_encoder",))
@@ -309,7 +315,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = args.objective
     config.model = model_config(args.size, args.objective)
     config.loss = ml_collections.ConfigDict(
-        dict(**OBJECTIVES[args.objective]["loss"], label_smoothing=0.0)
+        dict(
+            **OBJECTIVES[args.objective]["loss"],
+            label_smoothing=0.0,
+            caption_chunk_len=8,  # positions per chunk of the caption loss (losses.py); 0: all
+        )
     )
     config.data = data_config(args.data)
     config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes

@@ -15,8 +15,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sycoca_jax.data import iterator_state
-
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -25,6 +23,10 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def _handlers() -> dict[str, Any]:
+    # Imported where used: the data-iterator state needs grain, which a bare accelerator host
+    # (tools.benchmark) does not have.
+    from sycoca_jax.data import iterator_state
+
     return {
         "state": ocp.StandardCheckpointHandler(),
         "data": iterator_state.DataStateHandler(),  # grain's, resumable on another layout
@@ -90,6 +92,8 @@ class Checkpointer:
     ) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
+            from sycoca_jax.data import iterator_state
+
             items["data"] = iterator_state.DataStateSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
@@ -109,6 +113,8 @@ class Checkpointer:
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
+            from sycoca_jax.data import iterator_state
+
             items["data"] = iterator_state.DataStateRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 

@@ -29,20 +29,15 @@ import numpy as np
 import tokenizers
 from etils import epath
 
+from sycoca_jax.data.tokenizer import CLIP_BPE as REFERENCE
 from sycoca_jax.data.tokenizer import SpecialIds, pack_ids
 
-REFERENCE = "clip_bpe"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses (the file holds more)
 START, END = "<start_of_text>", "<end_of_text>"
 # Contractions, letter runs, single digits, other non-space runs (CLIP's pattern; the text is
 # lower-cased before, so case-insensitive matching changes nothing).
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-
-def is_reference(path: str | None) -> bool:
-    """Whether a ``config.data.tokenizer`` value names this tokenizer."""
-    return bool(path) and (path == REFERENCE or path.startswith(REFERENCE + ":"))
 
 
 def installed_vocab_path() -> str:

@@ -28,14 +28,14 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from sycoca_jax import sharding
 from sycoca_jax.data import sources, stream, transforms
 from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.data.tokenizer import Tokenizer, check_model_fits, load_tokenizer
 
 EVAL_TASKS = ("retrieval", "captioning", "classification", "validation")
-BATCH_AXES = ("data", "fsdp")
 
 
 def process_slice(
@@ -145,9 +145,7 @@ def eval_dataset(
     index, count = process_slice(process_index, process_count)
     batch_size = per_process_batch_size(global_batch_size, count)
     steps: list[grain.transforms.Map] = [transforms.EvalImage(spec, image_size, min_image_size)]
-    placeholder: dict[str, np.ndarray] = {
-        "image": np.zeros((image_size, image_size, 3), np.float32)
-    }
+    placeholder: dict[str, np.ndarray] = {"image": np.zeros((image_size, image_size, 3), np.uint8)}
     if task in ("retrieval", "validation"):
         if tokenizer is None or max_text_len is None:
             raise ValueError(f"task {task!r} needs a tokenizer and max_text_len")
@@ -305,18 +303,14 @@ def make_eval_dataset(
 # Host batches -> global arrays.
 
 
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """Leading (batch) dimension split over ``batch_axes``, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
-
-
 def make_global_batch(
-    host_batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES
+    host_batch: dict[str, np.ndarray], placement: sharding.Placement | Mesh
 ) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global ``jax.Array``s sharded on the batch axis over
-    ``batch_axes`` (``jax.make_array_from_process_local_data``)."""
-    sharding = batch_sharding(mesh, batch_axes)
-    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    """Host-local numpy batch -> global ``jax.Array``s split on the batch axis over the
+    placement's (or mesh's) ``data × fsdp`` devices (``jax.make_array_from_process_local_data``)."""
+    mesh = placement.mesh if isinstance(placement, sharding.Placement) else placement
+    target = sharding.batch_sharding(mesh)
+    shards = sharding.batch_shards(mesh)
     out = {}
     for key, value in host_batch.items():
         value = np.asarray(value)
@@ -329,8 +323,8 @@ def make_global_batch(
         if global_size % shards:
             raise ValueError(
                 f"global batch {global_size} (entry {key!r}) does not divide over the "
-                f"{shards} devices of mesh axes {tuple(batch_axes)}; choose config.batch_size "
+                f"{shards} devices of mesh axes {sharding.BATCH_AXES}; choose config.batch_size "
                 f"as a multiple of {shards}"
             )
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        out[key] = jax.make_array_from_process_local_data(target, value)
     return out

@@ -97,7 +97,7 @@ def vqa_eval_dataset(
         transforms.SelectKeys(("image", *_vqa_keys(False))),
     ]
     placeholder = {
-        "image": np.zeros((image_size, image_size, 3), np.float32),
+        "image": np.zeros((image_size, image_size, 3), np.uint8),
         "tokens": np.zeros((max_questions, max_text_len + 1), np.int32),
         "question_mask": np.zeros((max_questions,), bool),
         "answer_ids": np.full((max_questions, max_answers), -1, np.int32),

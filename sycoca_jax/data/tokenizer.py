@@ -38,11 +38,13 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import sentencepiece as spm
 from etils import epath
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 
 class SpecialIds(NamedTuple):
@@ -58,6 +60,7 @@ BOS_ID = 1
 EOS_ID = 2
 UNK_ID = 3
 SENTENCEPIECE_IDS = SpecialIds(PAD_ID, BOS_ID, EOS_ID)
+CLIP_BPE = "clip_bpe"  # the reference naming CLIP's BPE (``clip_bpe`` or ``clip_bpe:PATH``)
 # The tokenizer of the embedded dataset, regenerated with (about 20 s, most of it building data):
 #   python -m sycoca_jax.data.tokenizer train --dataset=sycoca_shapes --vocab_size=512 \
 #       --model_type=bpe --character_coverage=1.0 --output=sycoca_jax/data/sycoca_shapes.model
@@ -89,6 +92,8 @@ class Tokenizer:
         self._load()
 
     def _load(self) -> None:
+        import sentencepiece as spm  # where used: a bare accelerator host has none
+
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self._to_ours, self._to_theirs = _id_maps(self._sp, self.name)
 
@@ -181,9 +186,9 @@ def bundled_model_path() -> str:
 def load_tokenizer(path: str | None, dataset: str | None = None) -> Any:
     """Loads ``path`` (a SentencePiece model, or ``clip_bpe[:PATH]``); with no path, the bundled
     tokenizer of ``sycoca_shapes``."""
-    from sycoca_jax.data import clip_bpe
+    if path and (path == CLIP_BPE or path.startswith(CLIP_BPE + ":")):
+        from sycoca_jax.data import clip_bpe  # tokenizers and ftfy, only where used
 
-    if clip_bpe.is_reference(path):
         return clip_bpe.ClipBpeTokenizer.from_reference(path)
     if path:
         if not epath.Path(path).exists():
@@ -236,6 +241,8 @@ def train_tokenizer(
     corpus = sorted(s.strip() for s in sentences if s and s.strip())
     if not corpus:
         raise ValueError("no non-empty sentences to train a tokenizer on")
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),

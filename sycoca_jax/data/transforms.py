@@ -22,20 +22,11 @@ from sycoca_jax.data.skipping import BadRecord, SkippedRecord
 from sycoca_jax.data.sources import DatasetSpec
 from sycoca_jax.data.tokenizer import Tokenizer
 
-# CLIP's normalisation, applied to [0, 1] pixels.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
 Record = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
 # Plain functions (tested on their own); decoding and cropping live in ``images``.
-
-
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32, CLIP mean/std on [0, 1] pixels."""
-    return (pixels.astype(np.float32) * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
 
 
 def non_empty(captions: Sequence[str]) -> list[str]:
@@ -79,7 +70,8 @@ class RecordRandomMap(grain.transforms.RandomMap):
 
 
 class TrainImage(RecordRandomMap):
-    """Decode, random-resized-crop, resize to ``image_size``, normalise."""
+    """Decode, random-resized-crop, resize to ``image_size``; uint8 pixels (the model normalises
+    them on device: ``sycoca_jax.models.pixels``)."""
 
     def __init__(
         self,
@@ -98,11 +90,11 @@ class TrainImage(RecordRandomMap):
         image = images.open_image(record[self.spec.image_key], self.min_image_size)
         box = images.random_resized_crop_box(*image.size, rng, self.crop_scale)
         pixels = images.crop_and_resize(image, box, self.image_size)
-        return {**record, "image": normalize(pixels)}
+        return {**record, "image": pixels}
 
 
 class EvalImage(RecordMap):
-    """Decode, resize the shorter side to ``image_size`` and centre crop, normalise."""
+    """Decode, resize the shorter side to ``image_size`` and centre crop; uint8 pixels."""
 
     def __init__(self, spec: DatasetSpec, image_size: int, min_image_size: int = 1):
         self.spec, self.image_size, self.min_image_size = spec, image_size, min_image_size
@@ -110,7 +102,7 @@ class EvalImage(RecordMap):
     def apply(self, record: Record) -> Record:
         image = images.open_image(record[self.spec.image_key], self.min_image_size)
         pixels = images.crop_and_resize(image, images.centre_crop_box(*image.size), self.image_size)
-        return {**record, "image": normalize(pixels)}
+        return {**record, "image": pixels}
 
 
 class SampleCaption(RecordRandomMap):

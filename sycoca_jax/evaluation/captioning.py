@@ -37,7 +37,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sycoca_jax import decoding
-from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation import caption_metrics, common
 from sycoca_jax.evaluation.settings import EvalSettings
 
@@ -145,6 +144,8 @@ def caption_split(context: common.EvalContext, settings: Settings) -> Captioned:
     """Captions every real row of the split (up to ``num_examples``), gathered from every
     process back into dataset order."""
     config = context.config
+    from sycoca_jax.data.tokenizer import load_tokenizer  # where used (configs import this)
+
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(

@@ -17,7 +17,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sycoca_jax import sharding
-from sycoca_jax.data import pipeline
 from sycoca_jax.evaluation import predict
 from sycoca_jax.evaluation.settings import EvalSettings
 from sycoca_jax.models.sycoca import SyCoCa
@@ -57,6 +56,8 @@ def batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Host batches of ``settings.dataset``/``split`` for ``task`` (every process gets the same
     number; padding rows have ``mask`` False), with the ``SUBSETS`` flags the records have."""
+    from sycoca_jax.data import pipeline  # where used: configs import the evaluators
+
     yield from pipeline.make_eval_dataset(
         context.config,
         task,
@@ -71,7 +72,9 @@ def to_device(
     host_batch: dict[str, np.ndarray], placement: sharding.Placement, keys: Sequence[str]
 ) -> dict[str, jax.Array]:
     """The named entries as global arrays, split over the batch axes."""
-    return pipeline.make_global_batch({k: host_batch[k] for k in keys}, placement.mesh)
+    from sycoca_jax.data import pipeline
+
+    return pipeline.make_global_batch({k: host_batch[k] for k in keys}, placement)
 
 
 def from_host_array(x: np.ndarray, placement: sharding.Placement) -> jax.Array:

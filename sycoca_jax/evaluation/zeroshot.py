@@ -11,8 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sycoca_jax import sharding
-from sycoca_jax.data import sources
-from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation import common, prompts
 from sycoca_jax.evaluation.settings import EvalSettings
 from sycoca_jax.models.layers import l2_normalize
@@ -20,6 +18,8 @@ from sycoca_jax.models.layers import l2_normalize
 
 def class_names(dataset: str, data_dir: str | None) -> list[str]:
     """Readable class names: imagenet2012's WordNet ids become their first lemma."""
+    from sycoca_jax.data import sources  # the data stack is imported where used (not by configs)
+
     if sources.base_name(dataset) == "imagenet2012":
         return prompts.readable_imagenet_names()
     return [name.replace("_", " ") for name in sources.class_names(dataset, data_dir)]
@@ -52,6 +52,8 @@ def classifier_weights(
 ) -> np.ndarray:
     """(classes, E): for each class the normalised mean of its normalised prompt embeddings."""
     config = context.config
+    from sycoca_jax.data.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
     texts = [p for name in names for p in prompts.prompts(name, templates)]
     tokens = tokenizer.tokenize_batch(texts, config.model.max_text_len)

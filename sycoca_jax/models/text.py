@@ -27,9 +27,9 @@ def caption_input_and_target(tokens: Array) -> tuple[Array, Array]:
 CLS_MASKS = ("corrected", "legacy")
 
 
-def unimodal_attention_mask(valid: Array, cls_mask: str = "corrected") -> Array:
+def unimodal_attention_mask(valid: Array, cls_mask: str = "corrected") -> layers.AttentionMask:
     """Mask for [tokens..., CLS]: tokens attend causally; no query attends to a pad key.
-    valid: (B, T) -> (B, 1, T+1, T+1).
+    valid: (B, T); ``.dense(T+1, T+1)`` gives it as a (B, 1, T+1, T+1) array.
 
     ``corrected``: key j is valid when token j is not pad, and the CLS key is valid, so CLS sees
     every real token and itself. ``legacy`` is the mask open_clip's released CoCa weights were
@@ -37,16 +37,14 @@ def unimodal_attention_mask(valid: Array, cls_mask: str = "corrected") -> Array:
     j - 1 is not pad), so every query also sees the first pad position and CLS sees itself only
     when the text fills the context.
     """
-    b, t = valid.shape
-    always = jnp.ones((b, 1), bool)
+    always = jnp.ones((valid.shape[0], 1), bool)
     if cls_mask == "corrected":
         keys_valid = jnp.concatenate([valid, always], axis=1)
     elif cls_mask == "legacy":
         keys_valid = jnp.concatenate([always, valid], axis=1)
     else:
         raise ValueError(f"cls_mask must be one of {CLS_MASKS}, got {cls_mask!r}")
-    mask = layers.causal_mask(t + 1)[None] & keys_valid[:, None, :]
-    return mask[:, None]
+    return layers.AttentionMask(key_valid=keys_valid, causal=True)
 
 
 class TokenEmbedding(nn.Module):
@@ -175,10 +173,9 @@ class MultimodalDecoder(nn.Module):
         """Vocabulary logits, or with ``return_states`` the final (post-LayerNorm) token states
         they are read from (for task heads such as VQA). ``image_tokens`` may be None when
         decoding after the first step (cached context)."""
-        t = token_states.shape[1]
         if image_tokens is not None:
             image_tokens = image_tokens.astype(self.dtype)
-        mask = None if self.decode else layers.causal_mask(t)[None, None]
+        mask = None if self.decode else layers.AttentionMask(causal=True)
         x = layers.BlockStack(
             depth=self.depth,
             num_heads=self.num_heads,

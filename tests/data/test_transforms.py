@@ -62,14 +62,6 @@ def test_centre_crop_box():
     assert images.centre_crop_box(90, 120) == (0, 15, 90, 105)
 
 
-def test_normalize_uses_clip_statistics():
-    pixels = np.array([[[0, 128, 255]]], np.uint8)
-    expected = (np.array([0, 128, 255]) / 255 - transforms.CLIP_MEAN) / transforms.CLIP_STD
-    out = transforms.normalize(pixels)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out[0, 0], expected, rtol=1e-6)
-
-
 def test_crop_and_resize_matches_with_and_without_jpeg_draft():
     array = _gradient(800, 600)
     box = (100, 50, 700, 550)
@@ -111,7 +103,7 @@ def test_train_and_eval_image_transforms():
     train = transforms.TrainImage(SPEC, 32, crop_scale=(0.5, 1.0)).random_map(record, rng)
     evaluated = transforms.EvalImage(SPEC, 32).map(record)
     for out in (train, evaluated):
-        assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.float32
+        assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.uint8
         assert out["captions"] == [b"x"]  # other fields pass through
     with pytest.raises(ValueError, match="crop_scale"):
         transforms.TrainImage(SPEC, 32, crop_scale=(0.0, 1.0))
