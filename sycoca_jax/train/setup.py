@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import durations, losses, optim, sharding
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import pixels, sycoca
 
 State = dict[str, Any]
 
@@ -46,7 +46,7 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int | None = None)
     m = config.model
     b = batch_size or config.batch_size
     return {
-        "image": jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), jnp.float32),
+        "image": jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), pixels.IMAGE_DTYPE),
         "tokens": jax.ShapeDtypeStruct((b, m.max_text_len + 1), jnp.int32),
     }
 
