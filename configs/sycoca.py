@@ -149,7 +149,9 @@ def model_config(size: str, objective: str) -> ml_collections.ConfigDict:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     fields = dict(
-        pad_id=0,
+        pad_id=0,  # the tokenizer's special ids (checked against it by the input pipeline)
+        bos_id=1,
+        eos_id=2,
         posemb="learn",
         pooler="cascade",
         temperature_init=1 / 0.07,

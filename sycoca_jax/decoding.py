@@ -15,7 +15,9 @@ token just chosen with ``image_tokens=None``. The cache holds self-attention key
 Output layout is the pipeline's: ``tokens`` (B, max_len + 1) int32 ``[bos, w_1, ..., eos, pad,
 ...]`` (a caption that reaches ``max_len`` tokens has no eos). The pad and bos ids are never
 generated, nor ids past ``num_tokens`` (the tokenizer's size), and eos is banned until
-``min_len`` tokens exist.
+``min_len`` tokens exist. The pad, bos and eos ids are the tokenizer's (``special_ids``), by
+default those the model's config states (``model.pad_id/bos_id/eos_id``), which the input
+pipeline checks against its tokenizer.
 
 Scores: ``log_prob`` is the caption's log-likelihood under the model (sum over the generated
 tokens, eos included, of the log-softmax after the pad/bos/min_len bans, before temperature or
@@ -46,7 +48,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from sycoca_jax.data.tokenizer import SpecialIds
 from sycoca_jax.models.sycoca import SyCoCa, init_decode_cache
 
 Array = jax.Array
@@ -71,18 +73,28 @@ class Captions(NamedTuple):
 
 
 # ------------------------------------------------------------------------------- logits helpers
+def special_ids_of(model: SyCoCa) -> SpecialIds:
+    """The special ids a model's config states."""
+    return SpecialIds(model.pad_id, model.bos_id, model.eos_id)
+
+
 def mask_logits(
-    logits: Array, step: Array | int, min_len: int = 0, num_tokens: int | None = None
+    logits: Array,
+    step: Array | int,
+    min_len: int = 0,
+    num_tokens: int | None = None,
+    *,
+    special: SpecialIds,
 ) -> Array:
     """float32 logits (..., V) for choosing generated token ``step + 1`` (``step`` tokens exist):
     pad and bos never, eos not before ``min_len`` tokens, no id >= ``num_tokens`` (a model's
     vocabulary may be padded past its tokenizer's, which cannot decode those ids)."""
     logits = logits.astype(jnp.float32)
     vocab = jnp.arange(logits.shape[-1])
-    banned = (vocab == PAD_ID) | (vocab == BOS_ID)
+    banned = (vocab == special.pad) | (vocab == special.bos)
     if num_tokens is not None:
         banned = banned | (vocab >= num_tokens)
-    banned = banned | ((vocab == EOS_ID) & (jnp.asarray(step) < min_len))
+    banned = banned | ((vocab == special.eos) & (jnp.asarray(step) < min_len))
     return jnp.where(banned, -jnp.inf, logits)
 
 
@@ -158,9 +170,10 @@ class _Stepper:
     """The model in decode mode: ``first`` fills the cache from the image tokens and bos,
     ``next`` feeds one more token per row. Both return float32 logits (B, V)."""
 
-    def __init__(self, model: SyCoCa, params: Any):
+    def __init__(self, model: SyCoCa, params: Any, special: SpecialIds):
         self.decoder = model.clone(decode=True)
         self.params = params
+        self.special = special
 
     def _apply(self, cache: Any, image_tokens: Array | None, tokens: Array) -> tuple[Array, Any]:
         logits, updated = self.decoder.apply(
@@ -175,7 +188,7 @@ class _Stepper:
     def first(self, image_tokens: Array) -> tuple[Array, Any]:
         batch = image_tokens.shape[0]
         cache = init_decode_cache(self.decoder, batch)
-        bos = jnp.full((batch, 1), BOS_ID, jnp.int32)
+        bos = jnp.full((batch, 1), self.special.bos, jnp.int32)
         return self._apply(cache, image_tokens, bos)
 
     def next(self, cache: Any, tokens: Array) -> tuple[Array, Any]:
@@ -195,7 +208,8 @@ def _one_at_a_time(
     """Greedy and sampling: one hypothesis per image; ``choose(log_probs, step)`` picks a token."""
     logits, cache = stepper.first(image_tokens)
     batch = image_tokens.shape[0]
-    tokens = jnp.full((batch, max_len + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+    special = stepper.special
+    tokens = jnp.full((batch, max_len + 1), special.pad, jnp.int32).at[:, 0].set(special.bos)
     state = dict(
         step=jnp.zeros((), jnp.int32),
         tokens=tokens,
@@ -208,15 +222,15 @@ def _one_at_a_time(
 
     def pick(state):
         step, done = state["step"], state["done"]
-        logits = mask_logits(state["logits"], step, min_len, num_tokens)
+        logits = mask_logits(state["logits"], step, min_len, num_tokens, special=special)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        token = jnp.where(done, PAD_ID, choose(log_probs, step).astype(jnp.int32))
+        token = jnp.where(done, special.pad, choose(log_probs, step).astype(jnp.int32))
         token_lp = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
         return dict(
             state,
             step=step + 1,
             tokens=jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, step + 1)),
-            done=done | (token == EOS_ID),
+            done=done | (token == special.eos),
             log_prob=state["log_prob"] + jnp.where(done, 0.0, token_lp),
             length=state["length"] + (~done).astype(jnp.int32),
         )
@@ -252,7 +266,8 @@ def _beam_search(
     logits, cache = stepper.first(image_tokens)
     vocab = logits.shape[-1]
     neg_inf = jnp.float32(-jnp.inf)
-    seqs = jnp.full((batch, k, max_len + 1), PAD_ID, jnp.int32).at[..., 0].set(BOS_ID)
+    special = stepper.special
+    seqs = jnp.full((batch, k, max_len + 1), special.pad, jnp.int32).at[..., 0].set(special.bos)
     state = dict(
         step=jnp.zeros((), jnp.int32),
         alive=seqs,
@@ -273,7 +288,7 @@ def _beam_search(
     def pick(state):
         step, done = state["step"], state["done"]
         length = step + 1  # generated tokens once this step's token is appended
-        logits = mask_logits(state["logits"], step, min_len, num_tokens)
+        logits = mask_logits(state["logits"], step, min_len, num_tokens, special=special)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         totals = state["alive_lp"][..., None] + log_probs.reshape(batch, k, vocab)
         cand_lp, flat = jax.lax.top_k(totals.reshape(batch, k * vocab), 2 * k)
@@ -283,7 +298,7 @@ def _beam_search(
             cand_token[..., None],
             (0, 0, step + 1),
         )
-        is_eos = cand_token == EOS_ID
+        is_eos = cand_token == special.eos
 
         # The best k non-eos extensions stay alive.
         alive_lp, alive_rank = jax.lax.top_k(jnp.where(is_eos, neg_inf, cand_lp), k)
@@ -365,6 +380,7 @@ def _check(
     num_beams: int,
     num_tokens: int | None,
     settings: dict,
+    special: SpecialIds,
 ) -> None:
     if method not in METHODS:
         raise ValueError(f"decoding method must be one of {METHODS}, got {method!r}")
@@ -378,8 +394,11 @@ def _check(
     if not 0 <= min_len < max_len:
         raise ValueError(f"min_len={min_len} must be in [0, max_len={max_len})")
     vocab = model.vocab_size if num_tokens is None else num_tokens
-    if not EOS_ID < vocab <= model.vocab_size:
-        raise ValueError(f"num_tokens={num_tokens} must be in ({EOS_ID}, {model.vocab_size}]")
+    if not vocab <= model.vocab_size or not all(0 <= i < vocab for i in special):
+        raise ValueError(
+            f"num_tokens={num_tokens} must be at most model.vocab_size={model.vocab_size} and "
+            f"hold the special ids {special._asdict()}"
+        )
     if method == "beam" and not 1 <= num_beams <= (vocab - 3) // 2:
         raise ValueError(f"num_beams={num_beams} must be in [1, (vocabulary - 3) // 2]")
     for name, low in (("temperature", 0.0), ("top_p", 0.0)):
@@ -406,6 +425,7 @@ def generate(
     top_k: int | Array = 0,
     top_p: float | Array = 1.0,
     rng: Array | None = None,
+    special_ids: SpecialIds | None = None,
 ) -> Captions:
     """Captions for ``image_tokens`` (B, M, D) (``encode_image(...)["image_tokens"]``).
 
@@ -413,7 +433,8 @@ def generate(
     ``sample`` (``rng`` required; ``temperature``, ``top_k`` (0 = off), ``top_p`` (1 = off)).
     ``max_len`` (default ``model.max_text_len``) bounds the generated tokens, ``min_len`` bans
     eos before that many, ``num_tokens`` (default all) bans ids at or above it: pass the
-    tokenizer's ``vocab_size``. Returns the best caption per image (for beam search, the best
+    tokenizer's ``vocab_size``; ``special_ids`` (default ``special_ids_of(model)``): pass the
+    tokenizer's. Returns the best caption per image (for beam search, the best
     finished hypothesis by ``score``).
 
     Traceable: call it inside ``jax.jit`` (``method``, ``max_len``, ``min_len``, ``num_tokens``
@@ -422,8 +443,9 @@ def generate(
     """
     max_len = model.max_text_len if max_len is None else int(max_len)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    _check(model, method, max_len, int(min_len), int(num_beams), num_tokens, settings)
-    stepper = _Stepper(model, params)
+    special = SpecialIds(*special_ids) if special_ids is not None else special_ids_of(model)
+    _check(model, method, max_len, int(min_len), int(num_beams), num_tokens, settings, special)
+    stepper = _Stepper(model, params, special)
     if method == "beam":
         return _beam_search(
             stepper,

@@ -45,9 +45,11 @@ def _block(
 
 
 def vit_flops(m: Mapping[str, Any], num_tokens: int) -> int:
+    """``num_tokens`` patches (and the class token, if any) through the ViT."""
     patch_dim = m["patch_size"] ** 2 * 3
+    seq = num_tokens + int(m.get("class_token", False))
     return _dense(num_tokens, patch_dim, m["image_width"]) + m["image_depth"] * _block(
-        num_tokens, m["image_width"], m["image_mlp_dim"]
+        seq, m["image_width"], m["image_mlp_dim"]
     )
 
 
@@ -59,7 +61,10 @@ def _pool_flops(m: Mapping[str, Any], num_tokens: int, contrastive: bool, captio
     """Poolers over an encoded image: the contrastive vector and/or the caption tokens."""
     q, w, dv = m["caption_queries"], m["text_width"], m["image_width"]
     layout = m["pooler"]
+    num_tokens += int(m.get("class_token", False))  # the poolers read the class token too
     flops = 0
+    if layout == "none":  # the class token and the patch tokens are used as they are
+        return 0
     if layout == "single":
         return _pooler(m, q, num_tokens, dv) if (contrastive or captioning) else 0
     if captioning or (contrastive and layout == "cascade"):
@@ -88,6 +93,8 @@ def forward_flops_per_example(m: Mapping[str, Any]) -> dict[str, int]:
         # Patch value paths through the pooler(s), projections, cosine similarities.
         if m["pooler"] == "cascade":
             single = _dense(n, dv, w) + _dense(n, w, w) + 2 * _dense(n, w, w)
+        elif m["pooler"] == "none":
+            single = 0
         else:
             single = _dense(n, dv, w) + _dense(n, w, w)
         parts["relevance"] = single + _dense(n, w, e) + _dense(t, w, e) + 2 * n * t * e
@@ -100,10 +107,13 @@ def forward_flops_per_example(m: Mapping[str, Any]) -> dict[str, int]:
             if reencode:
                 parts["image_encoder"] += vit_flops(m, k)
         num_image_tokens = m["caption_queries"] - (1 if m["pooler"] == "single" else 0)
+        if m["pooler"] == "none":
+            num_image_tokens = k
         parts["poolers"] += _pool_flops(m, k, contrastive=False, captioning=True)
-        parts["multimodal_decoder"] = m["multimodal_depth"] * _block(
-            t, w, m["text_mlp_dim"], num_image_tokens, w
-        ) + _dense(t, w, m["vocab_size"])
+        layer = _block(t, w, m["text_mlp_dim"], num_image_tokens, w)
+        if m.get("layer_layout") == "open_clip":  # a second MLP per layer
+            layer += _mlp(t, w, m["text_mlp_dim"])
+        parts["multimodal_decoder"] = m["multimodal_depth"] * layer + _dense(t, w, m["vocab_size"])
 
     if m["use_tgmim"]:
         visible = n - masking.static_count(n, m["tgmim_mask_ratio"], "tgmim_mask_ratio")

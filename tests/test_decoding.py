@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax import decoding
-from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SENTENCEPIECE_IDS, SpecialIds
 from sycoca_jax.models import convert
 
 MAX_LEN = 16
@@ -113,7 +113,8 @@ def sample_fn(setup):
 
 
 def _log_softmax(logits, step):
-    return np.asarray(jax.nn.log_softmax(decoding.mask_logits(logits, step, MIN_LEN), axis=-1))
+    masked = decoding.mask_logits(logits, step, MIN_LEN, special=SENTENCEPIECE_IDS)
+    return np.asarray(jax.nn.log_softmax(masked, axis=-1))
 
 
 def _padded(seqs, length):
@@ -401,6 +402,39 @@ def test_cache_expand_and_reorder(layers):
     np.testing.assert_array_equal(rows_of(expanded), [0, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="unexpected decode cache entry"):
         decoding.reorder_cache({"weird": leaf(rows)}, source)
+
+
+def test_special_ids_come_from_the_model_config_or_the_caller(setup, greedy, beam3_fn):
+    """A model whose bos/eos sit elsewhere (CLIP puts them last) decodes the same captions, ids
+    relabelled, when its config states them: the same weights with the token rows and logit
+    columns of (bos, eos) and (V-2, V-1) swapped. Passing the ids explicitly is the same."""
+    model, params, image_tokens = setup
+    v = model.vocab_size
+    swap = np.arange(v)
+    swap[[BOS_ID, EOS_ID, v - 2, v - 1]] = [v - 2, v - 1, BOS_ID, EOS_ID]
+    text = params["text_encoder"]
+    logits = params["multimodal_decoder"]["logits"]
+    moved = {
+        **params,
+        "text_encoder": {
+            **text,
+            "token_embedding": {"embedding": text["token_embedding"]["embedding"][swap]},
+        },
+        "multimodal_decoder": {
+            **params["multimodal_decoder"],
+            "logits": {"kernel": logits["kernel"][:, swap], "bias": logits["bias"][swap]},
+        },
+    }
+    clip_like = model.clone(bos_id=v - 2, eos_id=v - 1)
+    stated = jit_generate(clip_like, method="greedy", max_len=MAX_LEN, min_len=MIN_LEN)
+    np.testing.assert_array_equal(stated(moved, image_tokens).tokens, swap[greedy.tokens])
+    special = SpecialIds(pad=PAD_ID, bos=v - 2, eos=v - 1)
+    given = jit_generate(
+        model, method="beam", num_beams=3, max_len=MAX_LEN, min_len=MIN_LEN, special_ids=special
+    )(moved, image_tokens, length_penalty=jnp.float32(0.6), early_stopping=jnp.bool_(True))
+    np.testing.assert_array_equal(given.tokens, swap[beam3_fn(params, image_tokens, 0.6).tokens])
+    with pytest.raises(ValueError, match="hold the special ids"):
+        decoding.generate(clip_like, params, image_tokens, num_tokens=v - 2)
 
 
 def test_bad_settings_are_refused(setup):

@@ -3,7 +3,9 @@
   shapes.py          generator of the embedded captioned-shapes scenes (pure Python + PIL)
   shapes_builder.py  its TFDS builder (ArrayRecord, generated on first use, no download)
   sources.py         data_dir resolution, opening TFDS data sources without TensorFlow
-  tokenizer.py       SentencePiece with fixed pad/bos/eos/unk ids; ``train`` CLI
+  tokenizer.py       SentencePiece with fixed pad/bos/eos/unk ids; ``train`` CLI; loading by
+                     reference (``config.data.tokenizer``)
+  clip_bpe.py        CLIP's byte-level BPE (open_clip's tokenizer), same interface
   images.py          image decoding: every PIL mode to 8-bit RGB, size limits, crop + resize
   transforms.py      per-record grain transforms (image, caption, tokens, label, eval masks)
   vqa_transforms.py  VQA's per-record step (question tokens, answer targets)

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from sycoca_jax import sharding
 from sycoca_jax.data import sources, stream, transforms
 from sycoca_jax.data.skipping import SkipCountingIterator
-from sycoca_jax.data.tokenizer import Tokenizer, load_tokenizer
+from sycoca_jax.data.tokenizer import Tokenizer, check_model_fits, load_tokenizer
 
 EVAL_TASKS = ("retrieval", "captioning", "classification", "validation")
 
@@ -204,12 +204,7 @@ def padded_eval_batches(
 
 def _tokenizer_for(config: ml_collections.ConfigDict) -> Tokenizer:
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but "
-            f"config.model.vocab_size is {config.model.vocab_size}; raise the model's vocab_size "
-            "or use a smaller tokenizer"
-        )
+    check_model_fits(tokenizer, config.model)
     return tokenizer
 
 

@@ -1,6 +1,12 @@
-"""SentencePiece tokenizer with the id layout the models assume.
+"""Tokenizers: SentencePiece (ours) and, in ``clip_bpe``, CLIP's BPE (open_clip's), one interface.
 
-Special ids (fixed across the codebase; ``config.model.pad_id`` is 0):
+Every tokenizer has ``special_ids`` (pad, bos, eos); the model config states the same ids
+(``config.model.pad_id/bos_id/eos_id``) and ``check_model_fits`` compares the two where a
+tokenizer meets a model. ``config.data.tokenizer`` names one: a SentencePiece ``.model`` path,
+``clip_bpe`` or ``clip_bpe:PATH`` (see ``sycoca_jax.data.clip_bpe``), or nothing (the dataset's
+bundled SentencePiece model).
+
+SentencePiece special ids (``config.model`` defaults):
 
   ======  ===  =============================================
   pad      0   fills every position after ``eos``
@@ -30,9 +36,9 @@ import argparse
 import io
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from etils import epath
@@ -40,19 +46,45 @@ from etils import epath
 if TYPE_CHECKING:
     import sentencepiece as spm
 
+
+class SpecialIds(NamedTuple):
+    """The ids captions are built from: ``[bos, pieces..., eos, pad, ...]``."""
+
+    pad: int
+    bos: int
+    eos: int
+
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
 UNK_ID = 3
+SENTENCEPIECE_IDS = SpecialIds(PAD_ID, BOS_ID, EOS_ID)
+CLIP_BPE = "clip_bpe"  # the reference naming CLIP's BPE (``clip_bpe`` or ``clip_bpe:PATH``)
 # The tokenizer of the embedded dataset, regenerated with (about 20 s, most of it building data):
 #   python -m sycoca_jax.data.tokenizer train --dataset=sycoca_shapes --vocab_size=512 \
 #       --model_type=bpe --character_coverage=1.0 --output=sycoca_jax/data/sycoca_shapes.model
 BUNDLED_SHAPES_MODEL = "sycoca_shapes.model"
 
 
+def pack_ids(ids: Iterable[int], max_text_len: int, special: SpecialIds) -> np.ndarray:
+    """``[bos, ids..., eos, pad...]`` int32 of shape ``(max_text_len + 1,)``; too many ids keep
+    the first ``max_text_len - 1`` (eos is always there)."""
+    if max_text_len < 2:
+        raise ValueError(f"max_text_len must be at least 2 (bos + eos), got {max_text_len}")
+    ids = list(ids)[: max_text_len - 1]
+    out = np.full((max_text_len + 1,), special.pad, np.int32)
+    out[0] = special.bos
+    out[1 : len(ids) + 1] = ids
+    out[len(ids) + 1] = special.eos
+    return out
+
+
 class Tokenizer:
     """A SentencePiece model seen through the fixed pad/bos/eos/unk ids; picklable (grain
     workers receive it by value)."""
+
+    special_ids = SENTENCEPIECE_IDS
 
     def __init__(self, model_proto: bytes, *, name: str = "<in memory>"):
         self._proto = bytes(model_proto)
@@ -95,16 +127,8 @@ class Tokenizer:
         """``[bos, pieces..., eos, pad...]`` as int32 of shape ``(max_text_len + 1,)``."""
         return self.tokenize_ids(self.encode(text), max_text_len)
 
-    @staticmethod
-    def tokenize_ids(ids: Sequence[int], max_text_len: int) -> np.ndarray:
-        if max_text_len < 2:
-            raise ValueError(f"max_text_len must be at least 2 (bos + eos), got {max_text_len}")
-        ids = list(ids)[: max_text_len - 1]
-        out = np.full((max_text_len + 1,), PAD_ID, np.int32)
-        out[0] = BOS_ID
-        out[1 : len(ids) + 1] = ids
-        out[len(ids) + 1] = EOS_ID
-        return out
+    def tokenize_ids(self, ids: Sequence[int], max_text_len: int) -> np.ndarray:
+        return pack_ids(ids, max_text_len, self.special_ids)
 
     def tokenize_batch(self, texts: Iterable[str], max_text_len: int) -> np.ndarray:
         rows = [self.tokenize(t, max_text_len) for t in texts]
@@ -159,8 +183,13 @@ def bundled_model_path() -> str:
     return str(resources.files("sycoca_jax.data").joinpath(BUNDLED_SHAPES_MODEL))
 
 
-def load_tokenizer(path: str | None, dataset: str | None = None) -> Tokenizer:
-    """Loads ``path``; with no path, the bundled tokenizer of ``sycoca_shapes``."""
+def load_tokenizer(path: str | None, dataset: str | None = None) -> Any:
+    """Loads ``path`` (a SentencePiece model, or ``clip_bpe[:PATH]``); with no path, the bundled
+    tokenizer of ``sycoca_shapes``."""
+    if path and (path == CLIP_BPE or path.startswith(CLIP_BPE + ":")):
+        from sycoca_jax.data import clip_bpe  # tokenizers and ftfy, only where used
+
+        return clip_bpe.ClipBpeTokenizer.from_reference(path)
     if path:
         if not epath.Path(path).exists():
             raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
@@ -172,6 +201,25 @@ def load_tokenizer(path: str | None, dataset: str | None = None) -> Tokenizer:
         f"train one with `python -m sycoca_jax.data.tokenizer train --dataset={dataset} "
         "--data_dir=... --vocab_size=32000 --output=...` and set --config.data.tokenizer"
     )
+
+
+def check_model_fits(tokenizer: Any, model_config: Mapping[str, Any]) -> None:
+    """The model config's vocabulary holds the tokenizer's ids and states its special ids."""
+    if tokenizer.vocab_size > model_config["vocab_size"]:
+        raise ValueError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but "
+            f"config.model.vocab_size is {model_config['vocab_size']}; raise the model's "
+            "vocab_size or use a smaller tokenizer"
+        )
+    defaults = SENTENCEPIECE_IDS._asdict()
+    stated = SpecialIds(**{k: model_config.get(f"{k}_id", v) for k, v in defaults.items()})
+    if stated != tokenizer.special_ids:
+        want = tokenizer.special_ids
+        raise ValueError(
+            f"tokenizer {tokenizer.name} has special ids {want._asdict()} but config.model "
+            f"states {stated._asdict()}; set --config.model.pad_id={want.pad} "
+            f"--config.model.bos_id={want.bos} --config.model.eos_id={want.eos}"
+        )
 
 
 def train_tokenizer(

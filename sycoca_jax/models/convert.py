@@ -135,16 +135,20 @@ def resample_image_posembs(
     old_grid: tuple[int, int],
     new_grid: tuple[int, int],
     method: str = "bilinear",
+    class_token: bool = False,
 ) -> dict[str, Any]:
     """``params`` with every learned patch-grid position embedding (``IMAGE_POSEMBS``: the image
-    encoder's and the TG-MIM decoder's, where present) resampled to ``new_grid``."""
+    encoder's and the TG-MIM decoder's, where present) resampled to ``new_grid``; with
+    ``class_token`` the image encoder's first row (the class token's slot) is kept as it is."""
     out = dict(params)
     for module, posemb in IMAGE_POSEMBS:
         if module not in out or posemb not in out[module]:
             continue  # fixed sincos2d embeddings, or a model without TG-MIM
         table = out[module][posemb]["pos_embedding"]
+        prefix = int(class_token and module == "image_encoder")
         try:
-            resampled = resample_posemb(table, old_grid, new_grid, method)
+            resampled = resample_posemb(table[prefix:], old_grid, new_grid, method)
+            resampled = np.concatenate([np.asarray(table[:prefix], resampled.dtype), resampled])
         except ConversionError as error:
             raise ConversionError(f"{module}/{posemb}/pos_embedding: {error}") from None
         out[module] = {**out[module], posemb: {**out[module][posemb], "pos_embedding": resampled}}
@@ -177,6 +181,6 @@ def convert(
     if image_size is not None:
         old = image_grid(model["image_size"], model["patch_size"])
         new = image_grid(image_size, model["patch_size"])
-        out = resample_image_posembs(out, old, new, method)
+        out = resample_image_posembs(out, old, new, method, model.get("class_token", False))
         model["image_size"] = int(image_size)
     return out, model

@@ -45,9 +45,13 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, names)
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+LAYER_LAYOUTS = ("fused", "open_clip")
+
+
+def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """A LayerNorm with float32 parameters; ``epsilon`` 1e-6 (ours) or 1e-5 (open_clip, torch)."""
     return nn.LayerNorm(
-        epsilon=1e-6,
+        epsilon=epsilon,
         dtype=dtype,
         param_dtype=jnp.float32,
         scale_init=logical_init(nn.initializers.ones, ("embed",)),
@@ -173,10 +177,12 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU MLP."""
+    """Two-layer GELU MLP; ``gelu_approximate`` picks the tanh approximation (ours) or the exact
+    erf GELU (open_clip, ``torch.nn.GELU``)."""
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -189,7 +195,7 @@ class Mlp(nn.Module):
             bias_init=logical_init(nn.initializers.normal(1e-6), ("mlp",)),
             name="fc1",
         )(x)
-        h = nn.gelu(h)
+        h = nn.gelu(h, approximate=self.gelu_approximate)
         h = constrain(h, ("act_batch", "act_len", "act_mlp"))
         return nn.Dense(
             width,
@@ -204,7 +210,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: self-attention, optional cross-attention, MLP.
 
-    ``scanned=True`` makes the call signature ``(carry, None)``-shaped for ``nn.scan``.
+    ``layout`` (with cross-attention): ``fused`` is one block with both attentions and one MLP;
+    ``open_clip`` is open_clip's multimodal layer, a self-attention block with its own MLP then a
+    cross-attention block with its own MLP and a LayerNorm of its own on the context
+    (``ln_context``). ``scanned=True`` makes the call signature ``(carry, None)``-shaped for
+    ``nn.scan``.
     """
 
     num_heads: int
@@ -214,6 +224,28 @@ class Block(nn.Module):
     attention_impl: str = "xla"
     decode: bool = False
     scanned: bool = False
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
+    layout: str = "fused"
+
+    def _norm(self, name: str) -> nn.LayerNorm:
+        return layer_norm(self.dtype, name, self.layer_norm_epsilon)
+
+    def _mlp(self, x: Array, norm: str, name: str) -> Array:
+        y = self._norm(norm)(x)
+        return x + Mlp(
+            self.mlp_dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate, name=name
+        )(y)
+
+    def _attention(self, name: str, cross: bool = False) -> MultiHeadAttention:
+        return MultiHeadAttention(
+            self.num_heads,
+            cross=cross,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+            name=name,
+        )
 
     @nn.compact
     def __call__(
@@ -223,29 +255,20 @@ class Block(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
     ):
+        if self.layout not in LAYER_LAYOUTS:
+            raise ValueError(f"layer layout must be one of {LAYER_LAYOUTS}, got {self.layout!r}")
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        y = layer_norm(self.dtype, "ln_self")(x)
-        y = MultiHeadAttention(
-            self.num_heads,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-            decode=self.decode,
-            name="self_attention",
-        )(y, mask=mask)
-        x = x + y
+        y = self._norm("ln_self")(x)
+        x = x + self._attention("self_attention")(y, mask=mask)
+        split = self.cross_attention and self.layout == "open_clip"
+        if split:
+            x = self._mlp(x, "ln_mlp", "mlp")
         if self.cross_attention:
-            y = layer_norm(self.dtype, "ln_cross")(x)
-            y = MultiHeadAttention(
-                self.num_heads,
-                cross=True,
-                dtype=self.dtype,
-                attention_impl=self.attention_impl,
-                decode=self.decode,
-                name="cross_attention",
-            )(y, context, mask=context_mask)
-            x = x + y
-        y = layer_norm(self.dtype, "ln_mlp")(x)
-        x = x + Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+            y = self._norm("ln_cross")(x)
+            if split and context is not None:  # None: decoding reads the cached context
+                context = self._norm("ln_context")(context)
+            x = x + self._attention("cross_attention", cross=True)(y, context, mask=context_mask)
+        x = self._mlp(x, "ln_cross_mlp", "cross_mlp") if split else self._mlp(x, "ln_mlp", "mlp")
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         return (x, None) if self.scanned else x
 
@@ -264,6 +287,9 @@ class BlockStack(nn.Module):
     decode: bool = False
     scan: bool = False
     remat: str = "none"
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
+    layout: str = "fused"
 
     @nn.compact
     def __call__(
@@ -289,6 +315,9 @@ class BlockStack(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             decode=self.decode,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu_approximate=self.gelu_approximate,
+            layout=self.layout,
         )
         if self.scan:
             scanned = nn.scan(
@@ -309,6 +338,7 @@ class BlockStack(nn.Module):
 class AttentionalPooler(nn.Module):
     """Learned queries cross-attending to a token sequence (CoCa's pooler).
 
+    ``query_norm`` LayerNorms the learned queries before they attend (open_clip's ``ln_q``).
     ``single_token`` gives, for every input token, what the pooler outputs when that token is the
     only one it sees (softmax over one key is 1): the token's value path through the pooler. The
     relevance scores use it to place patches in the contrastive space whatever the pooler layout.
@@ -319,6 +349,8 @@ class AttentionalPooler(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    layer_norm_epsilon: float = 1e-6
+    query_norm: bool = False
 
     def setup(self):
         self.queries = self.param(
@@ -327,7 +359,9 @@ class AttentionalPooler(nn.Module):
             (self.num_queries, self.width),
             jnp.float32,
         )
-        self.ln_context = layer_norm(self.dtype)
+        if self.query_norm:
+            self.ln_queries = layer_norm(self.dtype, epsilon=self.layer_norm_epsilon)
+        self.ln_context = layer_norm(self.dtype, epsilon=self.layer_norm_epsilon)
         self.attention = MultiHeadAttention(
             self.num_heads,
             out_features=self.width,
@@ -335,13 +369,14 @@ class AttentionalPooler(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
         )
-        self.ln_out = layer_norm(self.dtype)
+        self.ln_out = layer_norm(self.dtype, epsilon=self.layer_norm_epsilon)
 
     def __call__(self, tokens: Array, mask: Array | None = None) -> Array:
         context = self.ln_context(tokens)
-        queries = jnp.broadcast_to(
-            self.queries.astype(self.dtype), (tokens.shape[0], self.num_queries, self.width)
-        )
+        queries = self.queries.astype(self.dtype)
+        if self.query_norm:
+            queries = self.ln_queries(queries)
+        queries = jnp.broadcast_to(queries, (tokens.shape[0], self.num_queries, self.width))
         out = self.attention(queries, context, mask=mask)
         return self.ln_out(out)
 

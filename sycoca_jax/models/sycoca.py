@@ -7,6 +7,12 @@ token arrays are the pipeline's ``(B, max_text_len + 1)`` arrays; the text tower
 
 Setting ``use_tgmim=False, caption_masking="none"`` gives CoCa; also ``use_captioning=False`` gives
 CLIP.
+
+The open_clip fields (``layer_norm_epsilon`` ... ``layer_layout``) default to our architecture;
+``sycoca_jax.interop.open_clip_config`` sets them to reproduce an open_clip CoCa exactly. With
+``class_token`` the image encoder's states carry the class token first: it goes to the poolers
+and is always encoded when a branch re-encodes a subset, but it is never a maskable patch, so
+relevance scores, masks and the TG-MIM decoder cover the patches only.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from flax import linen as nn
 
 from sycoca_jax.models import layers, masking, pixels
 from sycoca_jax.models.text import (
+    CLS_MASKS,
     MultimodalDecoder,
     TextEncoder,
     caption_input_and_target,
@@ -30,7 +37,9 @@ from sycoca_jax.models.vit import ViT, gather_tokens, patchify
 
 Array = jax.Array
 
-POOLER_LAYOUTS = ("cascade", "parallel", "single")
+# "none": no attentional pooler; the class token is the contrastive vector and the patch tokens
+# are the image tokens (open_clip's coca_base).
+POOLER_LAYOUTS = ("cascade", "parallel", "single", "none")
 BRANCH_ENCODINGS = ("reencode", "reuse")
 
 
@@ -59,6 +68,8 @@ class SyCoCa(nn.Module):
     vocab_size: int = 64_000
     max_text_len: int = 76
     pad_id: int = 0
+    bos_id: int = 1  # the tokenizer's special ids (checked against it where they meet)
+    eos_id: int = 2
     text_width: int = 768
     text_depth: int = 12
     multimodal_depth: int = 12
@@ -93,14 +104,32 @@ class SyCoCa(nn.Module):
     scan: bool = False
     remat: str = "none"
     decode: bool = False
+    # open_clip compatibility (see the module docstring).
+    layer_norm_epsilon: float = 1e-6  # open_clip (torch): 1e-5
+    gelu_approximate: bool = True  # tanh GELU; open_clip: exact
+    class_token: bool = False  # a ViT class token with its own position slot
+    pre_norm: bool = False  # a LayerNorm before the ViT blocks (open_clip's ln_pre)
+    image_final_norm: bool = True  # the ViT's final LayerNorm (open_clip: after its pooler)
+    patch_embedding_bias: bool = True  # open_clip's patch convolution has none
+    pooler_query_norm: bool = False  # LayerNorm the pooler queries (open_clip's ln_q)
+    normalize_token_states: bool = True  # LayerNorm the text states given to the decoder
+    cls_mask: str = "corrected"  # or "legacy" (open_clip's released CoCa text towers)
+    layer_layout: str = "fused"  # multimodal layers: "fused" or "open_clip"
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Image-encoder states before the patches: the class token, if any."""
+        return int(self.class_token)
+
+    @property
     def num_image_tokens(self) -> int:
         """How many image tokens the multimodal decoder cross-attends to."""
+        if self.pooler == "none":
+            return self.num_patches
         return self.caption_queries - 1 if self.pooler == "single" else self.caption_queries
 
     def _check(self) -> None:
@@ -112,6 +141,18 @@ class SyCoCa(nn.Module):
             )
         if self.pooler == "single" and self.caption_queries < 2:
             raise ValueError("the single pooler layout needs caption_queries >= 2")
+        if self.pooler == "none" and not (self.class_token and self.image_width == self.text_width):
+            raise ValueError(
+                "pooler='none' reads the class token and hands the patch tokens to the "
+                "multimodal decoder: it needs class_token=True and image_width == text_width, "
+                f"got class_token={self.class_token}, {self.image_width} vs {self.text_width}"
+            )
+        if self.cls_mask not in CLS_MASKS:
+            raise ValueError(f"cls_mask must be one of {CLS_MASKS}, got {self.cls_mask!r}")
+        if self.layer_layout not in layers.LAYER_LAYOUTS:
+            raise ValueError(
+                f"layer_layout must be one of {layers.LAYER_LAYOUTS}, got {self.layer_layout!r}"
+            )
         if self.use_tgmim and self.tgmim_masking == "none":
             raise ValueError("TG-MIM needs masked patches: tgmim_masking must not be 'none'")
         for mode in (self.caption_masking, self.tgmim_masking):
@@ -124,7 +165,12 @@ class SyCoCa(nn.Module):
         self._check()
         dtype = jnp.dtype(self.dtype)
         common = dict(dtype=dtype, attention_impl=self.attention_impl)
-        stack = dict(scan=self.scan, remat=self.remat)
+        stack = dict(
+            scan=self.scan,
+            remat=self.remat,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu_approximate=self.gelu_approximate,
+        )
         self.image_encoder = ViT(
             image_size=self.image_size,
             patch_size=self.patch_size,
@@ -133,6 +179,10 @@ class SyCoCa(nn.Module):
             num_heads=self.image_heads,
             mlp_dim=self.image_mlp_dim,
             posemb=self.posemb,
+            class_token=self.class_token,
+            pre_norm=self.pre_norm,
+            final_norm=self.image_final_norm,
+            patch_bias=self.patch_embedding_bias,
             **common,
             **stack,
         )
@@ -145,16 +195,23 @@ class SyCoCa(nn.Module):
             mlp_dim=self.text_mlp_dim,
             pad_id=self.pad_id,
             decode=self.decode,
+            normalize_token_states=self.normalize_token_states,
+            cls_mask=self.cls_mask,
             **common,
             **stack,
         )
-        self.caption_pooler = layers.AttentionalPooler(
-            self.caption_queries, self.text_width, self.pooler_heads, **common
+        pooler = dict(
+            num_heads=self.pooler_heads,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            query_norm=self.pooler_query_norm,
+            **common,
         )
-        if self.pooler != "single":
-            self.contrastive_pooler = layers.AttentionalPooler(
-                1, self.text_width, self.pooler_heads, **common
+        if self.pooler != "none":
+            self.caption_pooler = layers.AttentionalPooler(
+                self.caption_queries, self.text_width, **pooler
             )
+        if self.pooler in ("cascade", "parallel"):
+            self.contrastive_pooler = layers.AttentionalPooler(1, self.text_width, **pooler)
 
         def projection() -> nn.Dense:
             return nn.Dense(
@@ -180,6 +237,7 @@ class SyCoCa(nn.Module):
                 num_heads=self.text_heads,
                 mlp_dim=self.text_mlp_dim,
                 decode=self.decode,
+                layout=self.layer_layout,
                 **common,
                 **stack,
             )
@@ -204,36 +262,53 @@ class SyCoCa(nn.Module):
         return jnp.exp(jnp.minimum(self.log_temperature, math.log(self.temperature_max)))
 
     def _contrastive_vector(self, patch_states: Array) -> Array:
+        """patch_states: the image encoder's output (class token included, if any)."""
         if self.pooler == "cascade":
             return self.contrastive_pooler(self.caption_pooler(patch_states))[:, 0]
         if self.pooler == "parallel":
             return self.contrastive_pooler(patch_states)[:, 0]
+        if self.pooler == "none":
+            return patch_states[:, 0]
         return self.caption_pooler(patch_states)[:, 0]
 
     def image_tokens(self, patch_states: Array) -> Array:
         """The tokens the multimodal decoder cross-attends to."""
+        if self.pooler == "none":
+            return patch_states[:, self.num_prefix_tokens :]
         pooled = self.caption_pooler(patch_states)
         return pooled[:, 1:] if self.pooler == "single" else pooled
 
     def patch_embeddings(self, patch_states: Array) -> Array:
         """Each patch placed in the contrastive space: the image head applied to that patch alone
-        (its value path through the pooler(s), then the image projection). (B, N, embed_dim)."""
+        (its value path through the pooler(s), then the image projection). (B, N, embed_dim).
+        patch_states: the patches only (no class token)."""
         if self.pooler == "cascade":
             x = self.contrastive_pooler.single_token(self.caption_pooler.single_token(patch_states))
         elif self.pooler == "parallel":
             x = self.contrastive_pooler.single_token(patch_states)
+        elif self.pooler == "none":
+            x = patch_states
         else:
             x = self.caption_pooler.single_token(patch_states)
         return self.image_projection(x)
 
+    def _patches(self, states: Array) -> Array:
+        """The patch part of image-encoder states (the class token, if any, removed)."""
+        return states[:, self.num_prefix_tokens :]
+
     def _branch_states(self, images: Array, patch_states: Array, indices: Array) -> Array:
+        """Encoder states of the patches at ``indices`` (B, K), the class token (if any) first:
+        re-encoded (the class token is always encoded) or gathered from ``patch_states``."""
         if self.branch_encoding == "reencode":
             return self.image_encoder(images, indices)
-        return gather_tokens(patch_states, indices)
+        prefix = patch_states[:, : self.num_prefix_tokens]
+        kept = gather_tokens(self._patches(patch_states), indices)
+        return jnp.concatenate([prefix, kept], axis=1)
 
     # ----------------------------------------------------------------------------- entry points
     def encode_image(self, images: Array) -> dict[str, Array]:
-        """images (B, H, W, 3) -> embedding (B, E) unit norm, patch_states (B, N, D_img) and,
+        """images (B, H, W, 3) -> embedding (B, E) unit norm, patch_states (B, P + N, D_img) (P =
+        ``num_prefix_tokens``, the class token first) and,
         with a captioning head, image_tokens (B, M, D_txt) for the multimodal decoder."""
         patch_states = self.image_encoder(images)
         out = {
@@ -302,14 +377,14 @@ class SyCoCa(nn.Module):
             self.use_tgmim and self.tgmim_masking == "attentive"
         ):
             relevance = masking.relevance_scores(
-                self.patch_embeddings(patch_states),
+                self.patch_embeddings(self._patches(patch_states)),
                 self.text_projection(token_states),
                 text_valid,
                 self.score_mode,
                 self.temperature(),
             )
             out["relevance"] = relevance
-        score_shape = jnp.zeros(patch_states.shape[:2], jnp.float32)
+        score_shape = jnp.zeros((patch_states.shape[0], self.num_patches), jnp.float32)
 
         if self.use_captioning:
             scores = masking.masking_scores(
@@ -340,7 +415,7 @@ class SyCoCa(nn.Module):
                 self.num_patches, self.tgmim_mask_ratio, "tgmim_mask_ratio"
             )
             visible, masked = masking.mask_most_relevant(scores, num_masked)
-            visible_states = self._branch_states(images, patch_states, visible)
+            visible_states = self._patches(self._branch_states(images, patch_states, visible))
             out["tgmim_prediction"] = self.tgmim_decoder(
                 visible_states, visible, token_states, text_valid
             ).astype(jnp.float32)

@@ -24,12 +24,26 @@ def caption_input_and_target(tokens: Array) -> tuple[Array, Array]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def unimodal_attention_mask(valid: Array) -> layers.AttentionMask:
-    """Mask for [tokens..., CLS]: tokens attend causally; CLS (last) attends to every valid token
-    and itself; no query attends to a pad key. valid: (B, T); ``.dense(T+1, T+1)`` gives it as
-    a (B, 1, T+1, T+1) array."""
-    b = valid.shape[0]
-    keys_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)  # CLS key is valid
+CLS_MASKS = ("corrected", "legacy")
+
+
+def unimodal_attention_mask(valid: Array, cls_mask: str = "corrected") -> layers.AttentionMask:
+    """Mask for [tokens..., CLS]: tokens attend causally; no query attends to a pad key.
+    valid: (B, T); ``.dense(T+1, T+1)`` gives it as a (B, 1, T+1, T+1) array.
+
+    ``corrected``: key j is valid when token j is not pad, and the CLS key is valid, so CLS sees
+    every real token and itself. ``legacy`` is the mask open_clip's released CoCa weights were
+    trained with: the validity row is shifted by one (key 0 always valid, key j valid when token
+    j - 1 is not pad), so every query also sees the first pad position and CLS sees itself only
+    when the text fills the context.
+    """
+    always = jnp.ones((valid.shape[0], 1), bool)
+    if cls_mask == "corrected":
+        keys_valid = jnp.concatenate([valid, always], axis=1)
+    elif cls_mask == "legacy":
+        keys_valid = jnp.concatenate([always, valid], axis=1)
+    else:
+        raise ValueError(f"cls_mask must be one of {CLS_MASKS}, got {cls_mask!r}")
     return layers.AttentionMask(key_valid=keys_valid, causal=True)
 
 
@@ -57,7 +71,10 @@ class TokenEmbedding(nn.Module):
 class TextEncoder(nn.Module):
     """Unimodal causal decoder with a learned CLS token appended after the (padded) tokens.
 
-    Returns (token_states (B, T, D), cls_state (B, D)), both after the final LayerNorm. The CLS
+    Returns (token_states (B, T, D), cls_state (B, D)); the CLS state is after the final
+    LayerNorm, and so are the token states unless ``normalize_token_states=False`` (open_clip
+    hands its multimodal decoder the un-normalised ones). ``cls_mask``: see
+    ``unimodal_attention_mask``. The CLS
     uses the last position-embedding slot whatever T is, so a shorter input embeds the same.
     With ``decode=True`` it takes a chunk of new tokens, keeps its position in the ``cache``
     collection and returns only token states (no CLS: generation needs none).
@@ -75,6 +92,10 @@ class TextEncoder(nn.Module):
     scan: bool = False
     remat: str = "none"
     decode: bool = False
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
+    normalize_token_states: bool = True
+    cls_mask: str = "corrected"
 
     @nn.compact
     def __call__(self, tokens: Array) -> tuple[Array, Array | None]:
@@ -97,9 +118,15 @@ class TextEncoder(nn.Module):
             decode=self.decode,
             scan=self.scan,
             remat=self.remat,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu_approximate=self.gelu_approximate,
             name="decoder",
         )
-        ln_final = layers.layer_norm(self.dtype, "ln_final")
+        ln_final = layers.layer_norm(self.dtype, "ln_final", self.layer_norm_epsilon)
+
+        def token_states(x: Array) -> Array:
+            return ln_final(x) if self.normalize_token_states else x
+
         cls = self.param(
             "cls", layers.logical_init(nn.initializers.normal(0.02), ("embed",)), (self.width,)
         )
@@ -110,19 +137,21 @@ class TextEncoder(nn.Module):
             x = x + jax.lax.dynamic_slice_in_dim(pos, start, t, axis=0)[None]
             if created:  # not on the pass that only creates the cache
                 position.value = start + t
-            return ln_final(stack(x)), None
+            return token_states(stack(x)), None
         x = x + pos[:t][None]
         cls_token = (cls.astype(self.dtype) + pos[self.max_len])[None, None]
         cls_token = jnp.broadcast_to(cls_token, (b, 1, self.width))
         x = jnp.concatenate([x, cls_token], axis=1)
-        mask = unimodal_attention_mask(tokens != self.pad_id)
-        x = ln_final(stack(x, mask))
-        return x[:, :-1], x[:, -1]
+        mask = unimodal_attention_mask(tokens != self.pad_id, self.cls_mask)
+        x = stack(x, mask)
+        return token_states(x[:, :-1]), ln_final(x[:, -1])
 
 
 class MultimodalDecoder(nn.Module):
     """Causal self-attention over the unimodal token states + cross-attention to image tokens,
-    then vocabulary logits."""
+    then vocabulary logits. ``layout``: ``fused`` (one block per layer, a biased vocabulary
+    projection) or ``open_clip`` (its two-block layer, see ``layers.Block``, and its bias-free
+    vocabulary projection)."""
 
     vocab_size: int
     depth: int
@@ -133,6 +162,9 @@ class MultimodalDecoder(nn.Module):
     scan: bool = False
     remat: str = "none"
     decode: bool = False
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
+    layout: str = "fused"
 
     @nn.compact
     def __call__(
@@ -154,13 +186,17 @@ class MultimodalDecoder(nn.Module):
             decode=self.decode,
             scan=self.scan,
             remat=self.remat,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu_approximate=self.gelu_approximate,
+            layout=self.layout,
             name="decoder",
         )(token_states, mask, image_tokens)
-        x = layers.layer_norm(self.dtype, "ln_final")(x)
+        x = layers.layer_norm(self.dtype, "ln_final", self.layer_norm_epsilon)(x)
         if return_states:
             return x
         logits = nn.Dense(
             self.vocab_size,
+            use_bias=self.layout != "open_clip",
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=layers.logical_init(nn.initializers.xavier_uniform(), ("embed", "vocab")),

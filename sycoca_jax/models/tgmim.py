@@ -37,6 +37,8 @@ class TGMIMDecoder(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat: str = "none"
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(
@@ -85,9 +87,11 @@ class TGMIMDecoder(nn.Module):
             attention_impl=self.attention_impl,
             scan=self.scan,
             remat=self.remat,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu_approximate=self.gelu_approximate,
             name="decoder",
         )(full, None, context, context_mask)
-        x = layers.layer_norm(self.dtype, "ln_final")(x)
+        x = layers.layer_norm(self.dtype, "ln_final", self.layer_norm_epsilon)(x)
         return nn.Dense(
             self.patch_dim,
             dtype=self.dtype,

@@ -77,11 +77,14 @@ def gather_tokens(x: Array, indices: Array) -> Array:
 
 
 class PositionEmbedding(nn.Module):
-    """Learned (``learn``) or fixed 2-D sine-cosine (``sincos2d``) embeddings for a patch grid."""
+    """Learned (``learn``) or fixed 2-D sine-cosine (``sincos2d``) embeddings for a patch grid,
+    after ``prefix`` slots for tokens before the patches (a class token); a fixed embedding
+    gives those slots zeros, as open_clip does."""
 
     grid: tuple[int, int]
     width: int
     kind: str = "learn"
+    prefix: int = 0
 
     @nn.compact
     def __call__(self) -> Array:
@@ -90,19 +93,27 @@ class PositionEmbedding(nn.Module):
             return self.param(
                 "pos_embedding",
                 layers.logical_init(nn.initializers.normal(0.02), ("patch_len", "embed")),
-                (n, self.width),
+                (self.prefix + n, self.width),
                 jnp.float32,
             )
         if self.kind == "sincos2d":
-            return jnp.asarray(sincos_2d(self.grid, self.width))
+            fixed = sincos_2d(self.grid, self.width)
+            return jnp.asarray(np.concatenate([np.zeros((self.prefix, self.width)), fixed]))
         raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.kind!r}")
 
 
 class ViT(nn.Module):
-    """ViT without a class token: patch embedding, position embedding, pre-LN blocks, final LN.
+    """ViT: patch embedding, position embedding, pre-LN blocks, final LN.
 
     ``__call__(images, patch_indices)``: with ``patch_indices`` (B, K) only those K patches (and
     their position embeddings) are encoded; K is static under ``jit``.
+
+    open_clip's ViT options: ``class_token`` puts a learned token with its own position slot
+    before the patches (output ``(B, 1 + N, D)``, the class token first; it is encoded whatever
+    ``patch_indices`` keeps); ``pre_norm`` LayerNorms the embedded tokens before the blocks
+    (``ln_pre``); ``final_norm=False`` leaves the last LayerNorm to whatever follows (open_clip's
+    attentional-pool CoCa normalises after its pooler); ``patch_bias=False`` is its bias-free patch
+    convolution.
     """
 
     image_size: int
@@ -116,6 +127,12 @@ class ViT(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat: str = "none"
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
+    class_token: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    patch_bias: bool = True
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -130,6 +147,11 @@ class ViT(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the output: 1 with a class token, else 0."""
+        return int(self.class_token)
+
     @nn.compact
     def __call__(self, images: Array, patch_indices: Array | None = None) -> Array:
         if images.shape[1:3] != (self.image_size, self.image_size):
@@ -138,13 +160,16 @@ class ViT(nn.Module):
             )
         images = pixels.normalize(images)  # uint8 pixels from the pipelines; floats pass
         patches = patchify(images.astype(self.dtype), self.patch_size)
-        pos = PositionEmbedding(self.grid, self.width, self.posemb, name="posemb")()
+        prefix = self.num_prefix_tokens
+        pos = PositionEmbedding(self.grid, self.width, self.posemb, prefix, name="posemb")()
+        pos_prefix, pos = pos[:prefix], pos[prefix:]
         pos = jnp.broadcast_to(pos, (patches.shape[0],) + pos.shape)
         if patch_indices is not None:
             patches = gather_tokens(patches, patch_indices)
             pos = gather_tokens(pos, patch_indices)
         x = nn.Dense(
             self.width,
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=layers.logical_init(nn.initializers.lecun_normal(), ("patch", "embed")),
@@ -152,6 +177,18 @@ class ViT(nn.Module):
             name="patch_embedding",
         )(patches)
         x = x + pos.astype(self.dtype)
+        if self.class_token:
+            cls = self.param(
+                "class_embedding",
+                layers.logical_init(nn.initializers.normal(0.02), ("embed",)),
+                (self.width,),
+                jnp.float32,
+            )
+            cls = (cls + pos_prefix[0]).astype(self.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+        norm = dict(dtype=self.dtype, epsilon=self.layer_norm_epsilon)
+        if self.pre_norm:
+            x = layers.layer_norm(name="ln_pre", **norm)(x)
         x = layers.BlockStack(
             depth=self.depth,
             num_heads=self.num_heads,
@@ -160,6 +197,8 @@ class ViT(nn.Module):
             attention_impl=self.attention_impl,
             scan=self.scan,
             remat=self.remat,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            gelu_approximate=self.gelu_approximate,
             name="encoder",
         )(x)
-        return layers.layer_norm(self.dtype, "ln_final")(x)
+        return layers.layer_norm(name="ln_final", **norm)(x) if self.final_norm else x

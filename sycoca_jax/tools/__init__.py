@@ -1,1 +1,2 @@
-"""Command-line tools: model summary, benchmarks, checkpoint inspection."""
+"""Command-line tools: model summary, benchmarks, checkpoint inspection, open_clip CoCa weights
+in (``import_open_clip``) and out (``export_open_clip``)."""

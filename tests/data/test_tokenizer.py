@@ -35,7 +35,7 @@ def test_layout_and_truncation(bundled):
     long_ids = bundled.encode(long)
     truncated = bundled.tokenize(long, max_text_len=8)
     np.testing.assert_array_equal(truncated, [BOS_ID, *long_ids[:7], EOS_ID])
-    exact = tokenizer.Tokenizer.tokenize_ids(list(range(10, 17)), 8)  # exactly max_text_len - 1
+    exact = bundled.tokenize_ids(list(range(10, 17)), 8)  # exactly max_text_len - 1
     np.testing.assert_array_equal(exact, [BOS_ID, *range(10, 17), EOS_ID])
 
 

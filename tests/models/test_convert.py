@@ -109,3 +109,17 @@ def test_convert_resamples_both_image_posembs(tiny_model_config, tiny_params):
     grid = (96 // fields["patch_size"],) * 2
     for module in ("image_encoder", "tgmim_decoder"):
         assert params[module]["posemb"]["pos_embedding"].shape[0] == grid[0] * grid[1]
+
+
+def test_a_class_token_slot_is_kept_when_resampling():
+    """open_clip's layout: the image encoder's first position row is the class token's; it is
+    kept, and only the grid rows after it are resampled (the TG-MIM decoder's has no such row)."""
+    grid = np.arange(4 * 4 * 2, dtype=np.float32).reshape(16, 2)
+    table = np.concatenate([np.full((1, 2), -7.0, np.float32), grid])
+    params = {"image_encoder": {"posemb": {"pos_embedding": table}}}
+    fields = dict(image_size=32, patch_size=8, class_token=True)
+    out, new_fields = convert.convert(params, fields, image_size=48)
+    resampled = out["image_encoder"]["posemb"]["pos_embedding"]
+    assert resampled.shape == (1 + 36, 2) and new_fields["image_size"] == 48
+    np.testing.assert_array_equal(resampled[0], [-7.0, -7.0])
+    np.testing.assert_allclose(resampled[1:], convert.resample_posemb(grid, (4, 4), (6, 6)))

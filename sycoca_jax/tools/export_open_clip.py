@@ -1,0 +1,96 @@
+r"""Export a checkpoint in open_clip's CoCa layout as an open_clip state dict (``.safetensors``).
+
+Start from open_clip CoCa weights, continue as SyCoCa, hand the result back::
+
+  python -m sycoca_jax.tools.import_open_clip --model=coca_ViT-B-32 \
+      --weights=open_clip_model.safetensors --workdir=/runs/coca_b32_import --objective=sycoca
+  python -m sycoca_jax.main --config=configs/open_clip.py:model=coca_ViT-B-32,data=cc3m \
+      --config.init.checkpoint=/runs/coca_b32_import --workdir=/runs/sycoca_b32
+  python -m sycoca_jax.tools.export_open_clip --workdir=/runs/sycoca_b32 \
+      --out=/runs/sycoca_b32.safetensors
+
+open_clip then loads it with ``open_clip.create_model_and_transforms("coca_ViT-B-32",
+pretrained="/runs/sycoca_b32.safetensors")``; ``--out``'s ``.json`` sibling is the open_clip model
+config (for a model that is not a preset: ``open_clip.add_model_config(that file)``). The TG-MIM
+head has no place in open_clip's CoCa and is dropped (a note says so). The model must be in
+open_clip's layout (``configs/open_clip.py``); anything else is refused, naming the fields. A model
+trained with the corrected CLS mask needs ``model.text.correct_cls_mask = True`` in open_clip
+(it builds the legacy one): the note says so too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+
+from sycoca_jax import checkpoint as ckpt
+from sycoca_jax.interop import open_clip_config, open_clip_weights
+from sycoca_jax.models import sycoca
+
+
+def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Write the checkpoint's parameters (latest step unless ``step``) to ``out`` in open_clip's
+    layout, and its open_clip model config beside it; returns ``tensors``, ``dropped``,
+    ``notes``, ``config_path``."""
+    if not out.endswith(".safetensors"):
+        raise open_clip_config.OpenClipError(f"--out must name a .safetensors file, got {out!r}")
+    step, _ = ckpt.params_metadata(workdir, step)
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir).parent, async_save=False)
+    try:
+        config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    finally:
+        checkpointer.close()
+    fields = sycoca.model_fields(config.model)
+    model = sycoca.SyCoCa(**fields)
+    open_clip_config.check_open_clip_layout(open_clip_weights.model_fields_of(model))
+    params = ckpt.load_params(workdir, step=step)
+    state, dropped = open_clip_weights.to_state_dict(params, model)
+    notes = [f"dropped {name}: open_clip's CoCa has no such head" for name in dropped]
+    if model.cls_mask == "corrected":
+        notes.append(
+            "trained with the corrected CLS mask: set model.text.correct_cls_mask = True after "
+            "loading in open_clip (it builds the legacy mask)"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    open_clip_weights.write_safetensors(
+        state, out, metadata={"sycoca_step": str(step), "sycoca_workdir": str(workdir)}
+    )
+    config_path = out[: -len(".safetensors")] + ".json"
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(open_clip_config.open_clip_config(open_clip_weights.model_fields_of(model)), f)
+    for note in notes:
+        logging.warning("%s", note)
+    logging.info("wrote %d tensors (step %d) to %s and %s", len(state), step, out, config_path)
+    return dict(tensors=len(state), dropped=dropped, notes=notes, config_path=config_path)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    f = flags.FLAGS
+    try:
+        done = export_open_clip(f.workdir, f.out, f.step)
+    except (open_clip_config.OpenClipError, FileNotFoundError) as e:
+        sys.exit(f"export_open_clip: {e}")  # the input's fault: one line, no traceback
+    print(f"wrote {f.out} ({done['tensors']} tensors) and {done['config_path']}")
+    for note in done["notes"]:
+        print(f"note: {note}")
+
+
+def define_flags() -> None:
+    """Flags are defined here, not at import, so importing this module has no side effects."""
+    flags.DEFINE_string("workdir", None, "a workdir (or its checkpoints folder)")
+    flags.DEFINE_string("out", None, "the .safetensors file to write")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
