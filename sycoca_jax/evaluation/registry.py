@@ -17,9 +17,14 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from sycoca_jax.evaluation import captioning, common, retrieval, zeroshot
+from sycoca_jax.evaluation import captioning, common, mechanism, retrieval, zeroshot
 
-EVALUATORS = {"zeroshot": zeroshot, "retrieval": retrieval, "captioning": captioning}
+EVALUATORS = {
+    "zeroshot": zeroshot,
+    "retrieval": retrieval,
+    "captioning": captioning,
+    "mechanism": mechanism,
+}
 
 
 def resolve(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:

@@ -274,6 +274,22 @@ class SyCoCa(nn.Module):
         states = self.multimodal_decoder(token_states, image_tokens, return_states=True)
         return states, targets
 
+    def relevance_inputs(self, images: Array, tokens: Array) -> dict[str, Array]:
+        """What attentive masking scores patches from, for measuring it: ``patch_embeddings``
+        (B, N, E) and ``token_embeddings`` (B, T, E) (projected, not normalised), ``token_valid``
+        (B, T) (the tokens the scores read), ``text_embedding`` (B, E) and ``temperature``.
+        ``masking.relevance_scores`` of these is the training forward's ``relevance``."""
+        text_input, _ = caption_input_and_target(tokens)
+        token_states, cls_state = self.text_encoder(text_input)
+        patch_states = self.image_encoder(images)
+        return {
+            "patch_embeddings": self.patch_embeddings(patch_states),
+            "token_embeddings": self.text_projection(token_states),
+            "token_valid": text_input != self.pad_id,
+            "text_embedding": l2_normalize(self.text_projection(cls_state)),
+            "temperature": self.temperature(),
+        }
+
     def decode_step(self, image_tokens: Array | None, tokens: Array) -> Array:
         """With ``decode=True``: logits (B, t, V) for a chunk of new tokens (B, t), using and
         extending the KV cache. Pass image_tokens on the first step, None afterwards."""
