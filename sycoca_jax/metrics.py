@@ -101,6 +101,12 @@ class MetricWriter:
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
+    def write_images(self, step: int, name: str, images: Any) -> None:
+        """(B, H, W, 3) uint8 pictures to TensorBoard (nothing to ``metrics.jsonl``)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_images(name, images, int(step), dataformats="NHWC")
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -231,7 +231,7 @@ class SyCoCa(nn.Module):
             x = self.caption_pooler.single_token(patch_states)
         return self.image_projection(x)
 
-    def _branch_states(self, images: Array, patch_states: Array, indices: Array) -> Array:
+    def _branch_states(self, images: Array, patch_states: Array | None, indices: Array) -> Array:
         if self.branch_encoding == "reencode":
             return self.image_encoder(images, indices)
         return gather_tokens(patch_states, indices)
@@ -289,6 +289,13 @@ class SyCoCa(nn.Module):
             "text_embedding": l2_normalize(self.text_projection(cls_state)),
             "temperature": self.temperature(),
         }
+
+    def selected_image_tokens(self, images: Array, indices: Array) -> Array:
+        """The decoder's image tokens from the patches at ``indices`` (B, K) only, encoded as
+        the captioning branch sees them in training (``branch_encoding``): for captioning with
+        the training-time selection at inference."""
+        patch_states = None if self.branch_encoding == "reencode" else self.image_encoder(images)
+        return self.image_tokens(self._branch_states(images, patch_states, indices))
 
     def decode_step(self, image_tokens: Array | None, tokens: Array) -> Array:
         """With ``decode=True``: logits (B, t, V) for a chunk of new tokens (B, t), using and

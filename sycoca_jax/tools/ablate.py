@@ -67,6 +67,7 @@ class RunSpec:
     config_file: str
     mechanism_every: int
     evals: tuple[str, ...] = ()  # entry names or kinds of config.evals to keep; () = all
+    eval_every: int | None = None  # steps between the other evaluations (0: at the end only)
 
     def workdir(self, root: str | os.PathLike) -> pathlib.Path:
         return pathlib.Path(root) / self.variant / f"seed{self.seed}"
@@ -144,7 +145,8 @@ def build_config(spec: RunSpec) -> Any:
             del config.evals[name]
     for name in config.evals:
         entry = config.evals[name]
-        every = spec.mechanism_every if entry.kind == "mechanism" else entry.every_steps
+        every = entry.every_steps if spec.eval_every is None else spec.eval_every
+        every = spec.mechanism_every if entry.kind == "mechanism" else every
         entry.every_steps = min(every or total, total) if total else every
     config.checkpoint_every_steps = min(config.checkpoint_every_steps, total or 1 << 30)
     return config
@@ -275,6 +277,7 @@ def make_specs(
     common_overrides: dict[str, Any],
     config_file: str,
     evals: Sequence[str] = (),
+    eval_every: int | None = None,
 ) -> list[RunSpec]:
     return [
         RunSpec(
@@ -288,6 +291,7 @@ def make_specs(
             config_file=config_file,
             mechanism_every=mechanism_every,
             evals=tuple(evals),
+            eval_every=eval_every,
         )
         for seed in range(seeds)
         for name, (objective, overrides) in variants.items()
@@ -325,6 +329,9 @@ def define_flags() -> None:
     flags.DEFINE_string("size", "tiny", "Model size of configs/sycoca.py.")
     flags.DEFINE_string("config_file", str(REPO_CONFIG), "The pretraining config file.")
     flags.DEFINE_integer("mechanism_every", 250, "Steps between mechanism evaluations.")
+    flags.DEFINE_integer(
+        "eval_every", None, "Steps between the other evaluations (default: the config's; 0: end)."
+    )
     flags.DEFINE_list("evals", [], "Entries or kinds of config.evals to run (default: all).")
     flags.DEFINE_integer("parallel", 1, "Runs at a time, each in a process (0: in this one).")
     flags.DEFINE_bool("single_threaded", False, "Each run on one core with one XLA thread.")
@@ -359,6 +366,7 @@ def main(argv: list[str]) -> None:
         common_overrides=common,
         config_file=FLAGS.config_file,
         evals=FLAGS.evals,
+        eval_every=FLAGS.eval_every,
     )
     for spec in specs:  # a bad override or variant fails now, not after hours of training
         build_config(spec)
