@@ -154,18 +154,22 @@ def build_config(spec: RunSpec) -> Any:
 
 def run_one(spec: RunSpec, root: str) -> dict[str, Any]:
     """Train (resuming), evaluate what the training loop did not finish, record the result."""
+    from sycoca_jax import checkpoint as ckpt
     from sycoca_jax import evaluate, train
 
     workdir = spec.workdir(root)
     config = build_config(spec)
     train.train_and_evaluate(config, str(workdir))
+    final = config.total_steps
+    reached, _ = ckpt.params_metadata(str(workdir))
+    if reached != final:  # stopped early (SIGTERM): not a finished run
+        raise SystemExit(f"{workdir}: training stopped at step {reached} of {final}; rerun")
     results_path = workdir / "eval_results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    final = config.total_steps
     missing = [n for n in config.evals if results.get(n, {}).get("step") != final]
     if missing:
         logging.info("evaluating %s at the final checkpoint", missing)
-        evaluate.evaluate(config, str(workdir), requested=missing)
+        evaluate.evaluate(config, str(workdir), step=final, requested=missing)
         results = json.loads(results_path.read_text())
     record = {
         "spec": spec.identity(),
