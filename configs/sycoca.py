@@ -239,6 +239,7 @@ def eval_entry(kind: str, split: str, dataset: str | None = None, **fields) -> d
         mechanism=dict(
             score_mode=ml_collections.config_dict.placeholder(str),  # unset: model.score_mode
             min_coverage=0.1,  # a patch lies on an object from this share of its pixels
+            probes=(),  # costlier scores to compare (mechanism.COSTLY_PROBES)
         ),
     )[kind]
     entry = dict(

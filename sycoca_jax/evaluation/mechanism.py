@@ -17,7 +17,9 @@ and ``grounding`` turns scores and coverage into:
   ``*_word_object_hit``: on any described shape; ``*_word_hit_given_object``: on the named
   shape when on some shape (``grounding.word_metrics``);
 - ``probe_<score>_auroc``: the same AUROC for other ways of scoring patches from the same
-  embeddings (``PROBES``), to tell a useless embedding from a useless score.
+  embeddings (``PROBES``), to tell a useless embedding from a useless score, and, when the
+  entry's ``probes`` asks for them, for scores that cost more (``COSTLY_PROBES``), with their
+  ``probe_<score>_keep_precision``.
 
 Every metric is a mean over images (words for the word hits); ``random_*`` is what uniformly
 random selection gets in expectation on the same images. Works for every objective (CLIP and
@@ -42,9 +44,16 @@ from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, load_to
 from sycoca_jax.evaluation import common, grounding
 from sycoca_jax.models import masking
 from sycoca_jax.models.sycoca import SyCoCa, l2_normalize
+from sycoca_jax.models.vit import patchify
 
 MAX_OBJECTS = 3  # described shapes per scene (shapes.sample_scene draws 1 to 3)
-DEFAULTS: dict[str, Any] = dict(score_mode=None, min_coverage=grounding.MIN_COVERAGE)
+# Probes that cost more than one forward; ``probes`` in the eval entry switches them on:
+# ``contrast``: max_sim minus the patch's mean max_sim to the batch's other captions (B x more
+# similarities); ``gradient``: gradient x input of the image-caption similarity, summed per
+# patch (one backward); ``occlusion``: how much the image-caption similarity drops without the
+# patch (one image-tower pass per patch).
+COSTLY_PROBES = ("contrast", "gradient", "occlusion")
+DEFAULTS: dict[str, Any] = dict(score_mode=None, min_coverage=grounding.MIN_COVERAGE, probes=())
 
 
 def settings(eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -69,6 +78,9 @@ def check(eval_config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"mechanism score_mode={s['score_mode']!r}; choose from {masking.SCORE_MODES}"
         )
+    unknown = sorted(set(s["probes"]) - set(COSTLY_PROBES))
+    if unknown:
+        raise ValueError(f"mechanism probes {unknown} unknown; known: {COSTLY_PROBES}")
     if not 0 < s["min_coverage"] <= 1:
         raise ValueError(f"mechanism min_coverage must be in (0, 1], got {s['min_coverage']}")
 
@@ -205,6 +217,54 @@ def _scores(model: SyCoCa, params: Any, score_mode: str, images: jax.Array, toke
     return relevance, similarity, caption_similarity
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _costly_probes(
+    model: SyCoCa, params: Any, probes: tuple[str, ...], images: jax.Array, tokens: jax.Array
+) -> dict[str, jax.Array]:
+    """``COSTLY_PROBES`` scores (B, N) of the patches for their own captions."""
+    variables = {"params": params}
+    out: dict[str, jax.Array] = {}
+    text = model.apply(variables, tokens, method=model.encode_text)["embedding"]
+    if "contrast" in probes:
+        inputs = model.apply(variables, images, tokens, method=model.relevance_inputs)
+        patches = l2_normalize(inputs["patch_embeddings"])
+        words = l2_normalize(inputs["token_embeddings"])
+        valid = inputs["token_valid"]
+
+        def to_caption(args):  # every image's patches against one caption: (B, N)
+            caption, caption_valid = args
+            sim = jnp.einsum("bne,te->bnt", patches, caption)
+            return jnp.max(jnp.where(caption_valid, sim, -jnp.inf), axis=-1)
+
+        real = valid.any(-1)  # placeholder rows have no tokens
+        sims = jax.lax.map(to_caption, (words, valid))  # (C, B, N)
+        sims = jnp.where(real[:, None, None], sims, 0.0)
+        own = jnp.diagonal(sims, axis1=0, axis2=1).T  # caption b against image b
+        others = (sims.sum(0) - own) / jnp.maximum(real.sum() - real, 1)[:, None]
+        out["contrast"] = own - others
+    if "gradient" in probes:
+
+        def similarity(x):
+            embedding = model.apply(variables, x, method=model.image_embedding)
+            return jnp.sum(embedding * text)
+
+        grad = jax.grad(similarity)(images)
+        out["gradient"] = patchify(grad * images, model.patch_size).sum(-1)
+    if "occlusion" in probes:
+        n = model.num_patches
+        full = jnp.sum(model.apply(variables, images, method=model.image_embedding) * text, -1)
+        # Row i lists every patch but i.
+        rest = jnp.stack([jnp.concatenate([jnp.arange(i), jnp.arange(i + 1, n)]) for i in range(n)])
+
+        def without(indices):
+            kept = jnp.broadcast_to(indices, (images.shape[0], n - 1))
+            embedding = model.apply(variables, images, kept, method=model.image_embedding)
+            return full - jnp.sum(embedding * text, -1)
+
+        out["occlusion"] = jax.lax.map(without, rest).T
+    return out
+
+
 def _masked_max(x: np.ndarray, valid: np.ndarray, axis: int) -> np.ndarray:
     return np.max(np.where(valid, x, -np.inf), axis=axis)
 
@@ -269,6 +329,15 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
         for name, probe in PROBES.items():
             scores = probe(sim, cls, valid, words)
             metrics[f"probe_{name}_auroc"] = grounding.per_image_auroc(scores, on_object)
+        if s["probes"]:
+            costly = context.call(
+                _costly_probes, tuple(sorted(s["probes"])), batch["image"], batch["tokens"]
+            )
+            for name, scores in costly.items():
+                scores = common.gather(scores)[real]
+                metrics[f"probe_{name}_auroc"] = grounding.per_image_auroc(scores, on_object)
+                chosen = grounding.top_k_mask(scores, keep)
+                metrics[f"probe_{name}_keep_precision"] = grounding.precision(chosen, on_object)
         for key, value in metrics.items():
             per_image.setdefault(key, []).append(value)
         present = coverage.max(-1) > 0  # (B, K): the scene has shape k

@@ -251,6 +251,12 @@ class SyCoCa(nn.Module):
             out["image_tokens"] = self.image_tokens(patch_states)
         return out
 
+    def image_embedding(self, images: Array, patch_indices: Array | None = None) -> Array:
+        """The contrastive embedding (B, E) of the images, seeing only the patches at
+        ``patch_indices`` (B, K) when given (e.g. to measure what leaving a patch out costs)."""
+        patch_states = self.image_encoder(images, patch_indices)
+        return l2_normalize(self.image_projection(self._contrastive_vector(patch_states)))
+
     def encode_text(self, tokens: Array) -> dict[str, Array]:
         """tokens (B, max_text_len + 1) -> embedding (B, E) unit norm and token_states (B, L, D)."""
         text_input, _ = caption_input_and_target(tokens)
