@@ -22,9 +22,59 @@ from __future__ import annotations
 import ml_collections
 
 from sycoca_jax.config_args import parse_arg
+from sycoca_jax.models import vit
 
-# Text side per image-tower size: CoCa Table 1 (Base: 12 + 12 layers, width 768, 12 heads;
+
+def image_tower(variant: str) -> dict:
+    """``SyCoCa``'s image-tower fields of a ViT variant (``"B/16"``) from the one variant table,
+    ``sycoca_jax.models.vit.VIT_VARIANTS``."""
+    v = vit.decode_variant(variant)
+    return dict(
+        patch_size=v["patch_size"],
+        image_width=v["width"],
+        image_depth=v["depth"],
+        image_heads=v["num_heads"],
+        image_mlp_dim=v["mlp_dim"],
+    )
+
+
+# Text side and heads per ViT width: CoCa Table 1 (Base: 12 + 12 layers, width 768, 12 heads;
 # Large: width 1024, 16 heads). S is our scaled-down point: ViT-S with a 6 + 6 layer text side.
+TEXT_SIDES = {
+    "S": dict(
+        text_width=384,
+        text_depth=6,
+        multimodal_depth=6,
+        text_heads=6,
+        text_mlp_dim=1536,
+        embed_dim=384,
+        caption_queries=256,
+        pooler_heads=6,
+    ),
+    "B": dict(
+        text_width=768,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=12,
+        text_mlp_dim=3072,
+        embed_dim=512,
+        caption_queries=256,
+        pooler_heads=8,
+    ),
+    "L": dict(
+        text_width=1024,
+        text_depth=12,
+        multimodal_depth=12,
+        text_heads=16,
+        text_mlp_dim=4096,
+        embed_dim=768,
+        caption_queries=256,
+        pooler_heads=16,
+    ),
+}
+
+# Every model size: ``tiny`` (for CPUs) spelled out, the others a ViT variant at 224 px plus the
+# text side of its width.
 SIZES = {
     "tiny": dict(
         image_size=64,
@@ -50,58 +100,13 @@ SIZES = {
         dtype="float32",
         scan=False,
     ),
-    "S/16": dict(
-        image_size=224,
-        patch_size=16,
-        image_width=384,
-        image_depth=12,
-        image_heads=6,
-        image_mlp_dim=1536,
-        text_width=384,
-        text_depth=6,
-        multimodal_depth=6,
-        text_heads=6,
-        text_mlp_dim=1536,
-        embed_dim=384,
-        caption_queries=256,
-        pooler_heads=6,
-    ),
-    "B/16": dict(
-        image_size=224,
-        patch_size=16,
-        image_width=768,
-        image_depth=12,
-        image_heads=12,
-        image_mlp_dim=3072,
-        text_width=768,
-        text_depth=12,
-        multimodal_depth=12,
-        text_heads=12,
-        text_mlp_dim=3072,
-        embed_dim=512,
-        caption_queries=256,
-        pooler_heads=8,
-    ),
-    "L/14": dict(
-        image_size=224,
-        patch_size=14,
-        image_width=1024,
-        image_depth=24,
-        image_heads=16,
-        image_mlp_dim=4096,
-        text_width=1024,
-        text_depth=12,
-        multimodal_depth=12,
-        text_heads=16,
-        text_mlp_dim=4096,
-        embed_dim=768,
-        caption_queries=256,
-        pooler_heads=16,
-    ),
+    **{
+        variant: dict(image_size=224, **image_tower(variant), **TEXT_SIDES[variant.split("/")[0]])
+        for variant in ("S/16", "B/16", "B/32", "L/14")
+    },
 }
-SIZES["B/32"] = {**SIZES["B/16"], "patch_size": 32}  # Base with 32-pixel patches
 
-# Defaults shared by every non-tiny size (tiny overrides some of them).
+# Defaults of every non-tiny size (tiny spells out its own values in SIZES).
 LARGE_DEFAULTS = dict(
     vocab_size=64_000,
     max_text_len=76,

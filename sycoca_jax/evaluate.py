@@ -14,9 +14,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
-from ml_collections import config_flags
 
 from sycoca_jax import binaries, sharding
 from sycoca_jax import checkpoint as ckpt
@@ -63,11 +62,7 @@ def evaluate(
     return {**results, "step": step}
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    binaries.start()
-    f = flags.FLAGS
+def main(f: flags.FlagValues) -> None:
     requested = [e for e in (f.evals or "").split(",") if e]
     results = evaluate(f.config, f.workdir, f.checkpoint, f.step, requested)
     if jax.process_index() == 0:
@@ -75,16 +70,16 @@ def main(argv: list[str]) -> None:
 
 
 def define_flags() -> None:
-    """Flags are defined here, not at import, so importing this module has no side effects."""
-    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where results go (and checkpoints are read from).")
+    binaries.define_flags("Config file.", "Where results go (and checkpoints are read from).")
     flags.DEFINE_string("checkpoint", None, "Checkpoint dir (default: the workdir's).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("evals", "", "Comma-separated entries or kinds of config.evals.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    binaries.define_flags()
+
+
+def run() -> None:
+    """Console-script entry point (``sycoca-eval``)."""
+    binaries.run(main, define_flags)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

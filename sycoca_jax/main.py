@@ -17,31 +17,22 @@ themselves. Elsewhere (e.g. several processes on one machine) give the coordinat
 
 from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from sycoca_jax import binaries, train
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    binaries.start()
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+def main(f: flags.FlagValues) -> None:
+    train.train_and_evaluate(f.config, f.workdir)
 
 
 def define_flags() -> None:
-    """Flags are defined here, not at import, so importing this module has no side effects."""
-    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (local or gs://).")
-    flags.mark_flags_as_required(["config", "workdir"])
-    binaries.define_flags()
+    binaries.define_flags("Config file.", "Where checkpoints and metrics go (local or gs://).")
 
 
 def run() -> None:
     """Console-script entry point (``sycoca-train``)."""
-    define_flags()
-    app.run(main)
+    binaries.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sycoca_jax.config_args import load_config, parse_arg
+from sycoca_jax.models import vit
 from tests.helpers import ROOT, config_for
 
 
@@ -46,3 +47,20 @@ def test_locked_config_rejects_new_keys():
     config.lock()
     with pytest.raises(AttributeError, match="widht"):
         config.model.widht = 3
+
+
+@pytest.mark.parametrize("size", ["S/16", "B/16", "B/32", "L/14"])
+def test_image_tower_is_the_vit_variant(size):
+    """Each preset's image tower is the ViT variant of its name (one table: vit.VIT_VARIANTS)."""
+    model = config_for(size).model
+    name, patch = size.split("/")
+    variant = vit.VIT_VARIANTS[name]
+    image = (model.image_width, model.image_depth, model.image_heads, model.image_mlp_dim)
+    assert image == (variant["width"], variant["depth"], variant["num_heads"], variant["mlp_dim"])
+    assert model.patch_size == int(patch)
+
+
+@pytest.mark.parametrize("size", ["tiny", "S/16", "B/16", "B/32", "L/14"])
+def test_scan_default(size):
+    """Layers are scanned for every real size (one compiled block) and unrolled for tiny."""
+    assert config_for(size).model.scan == (size != "tiny")

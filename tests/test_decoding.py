@@ -10,7 +10,7 @@ import pytest
 
 from sycoca_jax import decoding
 from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from tests.models.test_decoding_cache import _stack_blocks
+from sycoca_jax.models import convert
 
 MAX_LEN = 16
 MIN_LEN = 2
@@ -296,7 +296,7 @@ def test_scanned_blocks_decode_the_same(setup, beam3_fn):
     """Beam search with scanned blocks (cache leaves stacked on a leading layers axis) steps,
     expands and reorders the cache as the unrolled model does."""
     model, params, image_tokens = setup
-    scanned, stacked = model.clone(scan=True), _stack_blocks(params)
+    scanned, stacked = model.clone(scan=True), convert.to_scanned(params)
     cache = jax.eval_shape(lambda: decoding.init_decode_cache(scanned, 2))
     index = cache["multimodal_decoder"]["decoder"]["blocks"]["self_attention"]["index"]
     assert index.shape == (model.multimodal_depth,)  # the layout the decoder must handle

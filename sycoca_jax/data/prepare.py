@@ -316,5 +316,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (``sycoca-prepare``)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    run()

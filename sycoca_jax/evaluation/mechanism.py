@@ -43,7 +43,8 @@ from sycoca_jax.data import pipeline, shapes, shapes_builder, sources, transform
 from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, load_tokenizer
 from sycoca_jax.evaluation import common, grounding
 from sycoca_jax.models import masking
-from sycoca_jax.models.sycoca import SyCoCa, l2_normalize
+from sycoca_jax.models.layers import l2_normalize
+from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.models.vit import patchify
 
 MAX_OBJECTS = 3  # described shapes per scene (shapes.sample_scene draws 1 to 3)

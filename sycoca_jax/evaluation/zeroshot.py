@@ -14,7 +14,8 @@ import numpy as np
 from sycoca_jax.data import sources
 from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation import common, prompts
-from sycoca_jax.models.sycoca import SyCoCa, l2_normalize
+from sycoca_jax.models.layers import l2_normalize
+from sycoca_jax.models.sycoca import SyCoCa
 
 
 def class_names(dataset: str, data_dir: str | None) -> list[str]:

@@ -26,6 +26,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+def l2_normalize(x: Array) -> Array:
+    """Unit vectors along the last axis, in float32 (the epsilon keeps a zero vector finite)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
 def logical_init(init: Callable, names: tuple[str | None, ...]) -> Callable:
     """An initialiser whose parameter carries logical axis names for sharding."""
     return nn.with_logical_partitioning(init, names)

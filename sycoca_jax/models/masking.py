@@ -9,15 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sycoca_jax.models import layers
+
 Array = jax.Array
 
 SCORE_MODES = ("max_sim", "attention")
 MASKING_MODES = ("attentive", "random", "none")
-
-
-def _normalize(x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 def relevance_scores(
@@ -35,8 +32,8 @@ def relevance_scores(
     - ``attention``: softmax over patches of temperature * cos(token, patch) for each real
       token, averaged over the real tokens.
     """
-    p = _normalize(jax.lax.stop_gradient(patch_embeddings))
-    t = _normalize(jax.lax.stop_gradient(token_embeddings))
+    p = layers.l2_normalize(jax.lax.stop_gradient(patch_embeddings))
+    t = layers.l2_normalize(jax.lax.stop_gradient(token_embeddings))
     temperature = jax.lax.stop_gradient(temperature)
     sim = jnp.einsum("bne,bte->bnt", p, t)
     valid = token_valid[:, None, :]

@@ -34,11 +34,6 @@ POOLER_LAYOUTS = ("cascade", "parallel", "single")
 BRANCH_ENCODINGS = ("reencode", "reuse")
 
 
-def l2_normalize(x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-
-
 def normalized_patch_targets(images: Array, patch_size: int, normalize: bool = True) -> Array:
     """Pixel targets per patch (B, N, p*p*C), float32; MAE's ``norm_pix_loss`` when normalize."""
     target = patchify(images.astype(jnp.float32), patch_size)
@@ -242,7 +237,7 @@ class SyCoCa(nn.Module):
         with a captioning head, image_tokens (B, M, D_txt) for the multimodal decoder."""
         patch_states = self.image_encoder(images)
         out = {
-            "embedding": l2_normalize(
+            "embedding": layers.l2_normalize(
                 self.image_projection(self._contrastive_vector(patch_states))
             ),
             "patch_states": patch_states,
@@ -255,14 +250,14 @@ class SyCoCa(nn.Module):
         """The contrastive embedding (B, E) of the images, seeing only the patches at
         ``patch_indices`` (B, K) when given (e.g. to measure what leaving a patch out costs)."""
         patch_states = self.image_encoder(images, patch_indices)
-        return l2_normalize(self.image_projection(self._contrastive_vector(patch_states)))
+        return layers.l2_normalize(self.image_projection(self._contrastive_vector(patch_states)))
 
     def encode_text(self, tokens: Array) -> dict[str, Array]:
         """tokens (B, max_text_len + 1) -> embedding (B, E) unit norm and token_states (B, L, D)."""
         text_input, _ = caption_input_and_target(tokens)
         token_states, cls_state = self.text_encoder(text_input)
         return {
-            "embedding": l2_normalize(self.text_projection(cls_state)),
+            "embedding": layers.l2_normalize(self.text_projection(cls_state)),
             "token_states": token_states,
         }
 
@@ -292,7 +287,7 @@ class SyCoCa(nn.Module):
             "patch_embeddings": self.patch_embeddings(patch_states),
             "token_embeddings": self.text_projection(token_states),
             "token_valid": text_input != self.pad_id,
-            "text_embedding": l2_normalize(self.text_projection(cls_state)),
+            "text_embedding": layers.l2_normalize(self.text_projection(cls_state)),
             "temperature": self.temperature(),
         }
 
@@ -322,10 +317,10 @@ class SyCoCa(nn.Module):
         patch_states = self.image_encoder(images)
 
         out: dict[str, Array] = {
-            "image_embedding": l2_normalize(
+            "image_embedding": layers.l2_normalize(
                 self.image_projection(self._contrastive_vector(patch_states))
             ),
-            "text_embedding": l2_normalize(self.text_projection(cls_state)),
+            "text_embedding": layers.l2_normalize(self.text_projection(cls_state)),
             "temperature": self.temperature(),
         }
 

@@ -11,35 +11,29 @@ the latest step). Results go to ``<workdir>/transfer_results.json``; see configs
 
 from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from sycoca_jax import binaries
 from sycoca_jax.transfer import run as transfer_run
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    binaries.start()
-    config = flags.FLAGS.config
-    if flags.FLAGS.init:
-        config.init = flags.FLAGS.init
-    transfer_run.run(config, flags.FLAGS.workdir)
+def main(f: flags.FlagValues) -> None:
+    config = f.config
+    if f.init:
+        config.init = f.init
+    transfer_run.run(config, f.workdir)
 
 
 def define_flags() -> None:
-    """Flags are defined here, not at import, so importing this module has no side effects."""
-    config_flags.DEFINE_config_file("config", None, "Transfer config file.", lock_config=True)
+    binaries.define_flags(
+        "Transfer config file.", "Where results, metrics and the head's checkpoint go."
+    )
     flags.DEFINE_string("init", None, "Pretraining checkpoint (workdir, or a step folder).")
-    flags.DEFINE_string("workdir", None, "Where results, metrics and the head's checkpoint go.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    binaries.define_flags()
 
 
 def run() -> None:
-    define_flags()
-    app.run(main)
+    """Console-script entry point (``sycoca-transfer``)."""
+    binaries.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from sycoca_jax import sharding
 from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation import common, prompts, zeroshot
-from sycoca_jax.models.sycoca import l2_normalize
+from sycoca_jax.models.layers import l2_normalize
 from tests.helpers import tiny_config
 
 

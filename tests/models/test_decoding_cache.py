@@ -7,19 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sycoca_jax.models import sycoca
-from tests.helpers import config_for
-
-
-def _stack_blocks(tree):
-    """Unrolled params (block_0..block_{d-1}) -> the scanned layout (blocks, stacked on axis 0)."""
-    if not isinstance(tree, dict):
-        return tree
-    keys = sorted(tree)
-    if keys and all(k.startswith("block_") for k in keys):
-        blocks = [tree[f"block_{i}"] for i in range(len(keys))]
-        return {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-    return {k: _stack_blocks(v) for k, v in tree.items()}
+from sycoca_jax.models import convert, sycoca
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +48,7 @@ def _decode(model, params, image_tokens, text_input, chunks):
 def test_cached_decoding_matches_full_forward(tiny_model, tiny_params, full_length_tokens, scan):
     model, params = tiny_model, tiny_params
     if scan:
-        model, params = model.clone(scan=True), _stack_blocks(params)
+        model, params = model.clone(scan=True), convert.to_scanned(params)
     tokens = full_length_tokens
     images = jnp.asarray(np.random.default_rng(6).normal(size=(2, 64, 64, 3)), jnp.float32)
 
@@ -94,7 +82,7 @@ def test_scan_and_unrolled_layouts_compute_the_same(tiny_model, tiny_params, tin
 
     unrolled = forward(tiny_model)(tiny_params)
     scanned_model = tiny_model.clone(scan=True)
-    stacked = _stack_blocks(tiny_params)
+    stacked = convert.to_scanned(tiny_params)
     expected_shapes = jax.tree.map(lambda x: x.shape, sycoca.abstract_params(scanned_model))
     assert jax.tree.map(lambda x: x.shape, stacked) == expected_shapes
     scanned = forward(scanned_model)(stacked)
@@ -131,7 +119,3 @@ def test_decode_step_needs_decode_mode(tiny_model, tiny_params):
             jnp.ones((1, 1), jnp.int32),
             method=tiny_model.decode_step,
         )
-
-
-def test_sizes_use_scan_by_default():
-    assert config_for("B/16").model.scan and not config_for("tiny").model.scan
