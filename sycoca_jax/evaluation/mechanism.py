@@ -203,7 +203,8 @@ def _placeholder(image_size: int, n: int, length: int) -> dict[str, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _scores(model: SyCoCa, params: Any, score_mode: str, images: jax.Array, tokens: jax.Array):
-    """(relevance (B, N), cos(patch, token) (B, N, T), cos(patch, caption embedding) (B, N))."""
+    """(relevance (B, N), cos(patch, token) (B, N, T), cos(patch, caption embedding) (B, N),
+    temperature)."""
     out = model.apply({"params": params}, images, tokens, method=model.relevance_inputs)
     patches = l2_normalize(out["patch_embeddings"])
     similarity = jnp.einsum("bne,bte->bnt", patches, l2_normalize(out["token_embeddings"]))
@@ -215,7 +216,7 @@ def _scores(model: SyCoCa, params: Any, score_mode: str, images: jax.Array, toke
         score_mode,
         out["temperature"],
     )
-    return relevance, similarity, caption_similarity
+    return relevance, similarity, caption_similarity, out["temperature"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -270,15 +271,45 @@ def _masked_max(x: np.ndarray, valid: np.ndarray, axis: int) -> np.ndarray:
     return np.max(np.where(valid, x, -np.inf), axis=axis)
 
 
-# Other scores of the same patch/token embeddings (cos similarities ``sim`` (B, N, T), caption
-# embedding similarity ``cls`` (B, N), real tokens ``valid`` (B, T), words ``words`` (B, T)).
+def _softmax_over_patches(sim: np.ndarray, temperature: float) -> np.ndarray:
+    logits = sim * temperature
+    logits = logits - logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _mean_over(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    return (x * valid[:, None]).sum(-1) / np.maximum(valid.sum(-1), 1)[:, None]
+
+
+# Other scores of the same patch/token embeddings, from cos similarities ``sim`` (B, N, T),
+# the caption-embedding similarity ``cls`` (B, N), real tokens ``valid`` and words ``words``
+# (B, T, no bos/eos) and the model's ``temperature``:
+# - max_sim / max_sim_words: the training score over all tokens / over words only;
+# - mean_sim_words: mean instead of max; caption_embedding: against the caption's embedding;
+# - peak_words: max minus mean over the words (a patch similar to every word is not relevant);
+# - attention_max_words: each word's softmax over patches, max over words (text-to-patch
+#   attention, top);
+# - token_centred_words: each word's similarity minus its mean over the image's patches, max
+#   over words; double_centred_words: minus the patch's mean over the words as well.
 PROBES = {
-    "max_sim": lambda sim, cls, valid, words: _masked_max(sim, valid[:, None], -1),
-    "max_sim_words": lambda sim, cls, valid, words: _masked_max(sim, words[:, None], -1),
-    "mean_sim_words": lambda sim, cls, valid, words: (
-        (sim * words[:, None]).sum(-1) / np.maximum(words.sum(-1), 1)[:, None]
+    "max_sim": lambda a: _masked_max(a["sim"], a["valid"][:, None], -1),
+    "max_sim_words": lambda a: _masked_max(a["sim"], a["words"][:, None], -1),
+    "mean_sim_words": lambda a: _mean_over(a["sim"], a["words"]),
+    "caption_embedding": lambda a: a["cls"],
+    "peak_words": lambda a: (
+        _masked_max(a["sim"], a["words"][:, None], -1) - _mean_over(a["sim"], a["words"])
     ),
-    "caption_embedding": lambda sim, cls, valid, words: cls,
+    "attention_max_words": lambda a: _masked_max(
+        _softmax_over_patches(a["sim"], a["temperature"]), a["words"][:, None], -1
+    ),
+    "token_centred_words": lambda a: _masked_max(
+        a["sim"] - a["sim"].mean(1, keepdims=True), a["words"][:, None], -1
+    ),
+    "double_centred_words": lambda a: (
+        _masked_max(a["sim"] - a["sim"].mean(1, keepdims=True), a["words"][:, None], -1)
+        - _mean_over(a["sim"] - a["sim"].mean(1, keepdims=True), a["words"])
+    ),
 }
 
 
@@ -314,7 +345,8 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
     for host_batch in object_batches(context, eval_config):
         batch = common.to_device(host_batch, context.mesh, ["image", "tokens"])
         scores = context.call(_scores, score_mode, batch["image"], batch["tokens"])
-        relevance, sim, cls = (common.gather(x) for x in scores)
+        relevance, sim, cls = (common.gather(x) for x in scores[:3])
+        temperature = float(scores[3])
         real = np.flatnonzero(host_batch["mask"])
         if not len(real):
             continue
@@ -327,8 +359,9 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
         valid = tokens != PAD_ID
         words = valid & (tokens != BOS_ID) & (tokens != EOS_ID)
         metrics = grounding.selection_metrics(relevance, on_object, keep, masked)
+        arrays = dict(sim=sim, cls=cls, valid=valid, words=words, temperature=temperature)
         for name, probe in PROBES.items():
-            scores = probe(sim, cls, valid, words)
+            scores = probe(arrays)
             metrics[f"probe_{name}_auroc"] = grounding.per_image_auroc(scores, on_object)
         if s["probes"]:
             costly = context.call(

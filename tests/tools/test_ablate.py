@@ -94,7 +94,7 @@ def test_two_variants_one_seed_end_to_end(data_dir, tmp_path, monkeypatch):
     assert [r["spec"]["variant"] for r in records] == ["clip", "coca"]
     paths = ablation_report.write_report(records, root)
     summary = json.loads(paths[0].read_text())["summary"]
-    auroc = summary["coca"]["mechanism/relevance_auroc"]
+    auroc = summary["coca"]["mechanism/relevance_auroc"]["value"]
     assert auroc["n"] == 1 and 0 <= auroc["mean"] <= 1 and auroc["ci95"] is None
     assert "vs_baseline" in summary["clip"]["mechanism/relevance_auroc"]
     assert "| coca |" in paths[1].read_text()
