@@ -17,9 +17,9 @@ and ``grounding`` turns scores and coverage into:
   ``*_word_object_hit``: on any described shape; ``*_word_hit_given_object``: on the named
   shape when on some shape (``grounding.word_metrics``);
 - ``probe_<score>_auroc``: the same AUROC for other ways of scoring patches from the same
-  embeddings (``PROBES``), to tell a useless embedding from a useless score, and, when the
-  entry's ``probes`` asks for them, for scores that cost more (``COSTLY_PROBES``), with their
-  ``probe_<score>_keep_precision``.
+  embeddings (``relevance_probes.CHEAP``), to tell a useless embedding from a useless score,
+  and, when the entry's ``probes`` asks for them, for scores that cost more
+  (``relevance_probes.COSTLY``), with their ``probe_<score>_keep_precision``.
 
 Every metric is a mean over images (words for the word hits); ``random_*`` is what uniformly
 random selection gets in expectation on the same images. Works for every objective (CLIP and
@@ -41,19 +41,12 @@ import numpy as np
 
 from sycoca_jax.data import pipeline, shapes, shapes_builder, sources, transforms
 from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, load_tokenizer
-from sycoca_jax.evaluation import common, grounding
+from sycoca_jax.evaluation import common, grounding, relevance_probes
 from sycoca_jax.models import masking
 from sycoca_jax.models.layers import l2_normalize
 from sycoca_jax.models.sycoca import SyCoCa
-from sycoca_jax.models.vit import patchify
 
 MAX_OBJECTS = 3  # described shapes per scene (shapes.sample_scene draws 1 to 3)
-# Probes that cost more than one forward; ``probes`` in the eval entry switches them on:
-# ``contrast``: max_sim minus the patch's mean max_sim to the batch's other captions (B x more
-# similarities); ``gradient``: gradient x input of the image-caption similarity, summed per
-# patch (one backward); ``occlusion``: how much the image-caption similarity drops without the
-# patch (one image-tower pass per patch).
-COSTLY_PROBES = ("contrast", "gradient", "occlusion")
 DEFAULTS: dict[str, Any] = dict(score_mode=None, min_coverage=grounding.MIN_COVERAGE, probes=())
 
 
@@ -79,9 +72,9 @@ def check(eval_config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"mechanism score_mode={s['score_mode']!r}; choose from {masking.SCORE_MODES}"
         )
-    unknown = sorted(set(s["probes"]) - set(COSTLY_PROBES))
+    unknown = sorted(set(s["probes"]) - set(relevance_probes.COSTLY))
     if unknown:
-        raise ValueError(f"mechanism probes {unknown} unknown; known: {COSTLY_PROBES}")
+        raise ValueError(f"mechanism probes {unknown} unknown; known: {relevance_probes.COSTLY}")
     if not 0 < s["min_coverage"] <= 1:
         raise ValueError(f"mechanism min_coverage must be in (0, 1], got {s['min_coverage']}")
 
@@ -219,100 +212,6 @@ def _scores(model: SyCoCa, params: Any, score_mode: str, images: jax.Array, toke
     return relevance, similarity, caption_similarity, out["temperature"]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _costly_probes(
-    model: SyCoCa, params: Any, probes: tuple[str, ...], images: jax.Array, tokens: jax.Array
-) -> dict[str, jax.Array]:
-    """``COSTLY_PROBES`` scores (B, N) of the patches for their own captions."""
-    variables = {"params": params}
-    out: dict[str, jax.Array] = {}
-    text = model.apply(variables, tokens, method=model.encode_text)["embedding"]
-    if "contrast" in probes:
-        inputs = model.apply(variables, images, tokens, method=model.relevance_inputs)
-        patches = l2_normalize(inputs["patch_embeddings"])
-        words = l2_normalize(inputs["token_embeddings"])
-        valid = inputs["token_valid"]
-
-        def to_caption(args):  # every image's patches against one caption: (B, N)
-            caption, caption_valid = args
-            sim = jnp.einsum("bne,te->bnt", patches, caption)
-            return jnp.max(jnp.where(caption_valid, sim, -jnp.inf), axis=-1)
-
-        real = valid.any(-1)  # placeholder rows have no tokens
-        sims = jax.lax.map(to_caption, (words, valid))  # (C, B, N)
-        sims = jnp.where(real[:, None, None], sims, 0.0)
-        own = jnp.diagonal(sims, axis1=0, axis2=1).T  # caption b against image b
-        others = (sims.sum(0) - own) / jnp.maximum(real.sum() - real, 1)[:, None]
-        out["contrast"] = own - others
-    if "gradient" in probes:
-
-        def similarity(x):
-            embedding = model.apply(variables, x, method=model.image_embedding)
-            return jnp.sum(embedding * text)
-
-        grad = jax.grad(similarity)(images)
-        out["gradient"] = patchify(grad * images, model.patch_size).sum(-1)
-    if "occlusion" in probes:
-        n = model.num_patches
-        full = jnp.sum(model.apply(variables, images, method=model.image_embedding) * text, -1)
-        # Row i lists every patch but i.
-        rest = jnp.stack([jnp.concatenate([jnp.arange(i), jnp.arange(i + 1, n)]) for i in range(n)])
-
-        def without(indices):
-            kept = jnp.broadcast_to(indices, (images.shape[0], n - 1))
-            embedding = model.apply(variables, images, kept, method=model.image_embedding)
-            return full - jnp.sum(embedding * text, -1)
-
-        out["occlusion"] = jax.lax.map(without, rest).T
-    return out
-
-
-def _masked_max(x: np.ndarray, valid: np.ndarray, axis: int) -> np.ndarray:
-    return np.max(np.where(valid, x, -np.inf), axis=axis)
-
-
-def _softmax_over_patches(sim: np.ndarray, temperature: float) -> np.ndarray:
-    logits = sim * temperature
-    logits = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def _mean_over(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    return (x * valid[:, None]).sum(-1) / np.maximum(valid.sum(-1), 1)[:, None]
-
-
-# Other scores of the same patch/token embeddings, from cos similarities ``sim`` (B, N, T),
-# the caption-embedding similarity ``cls`` (B, N), real tokens ``valid`` and words ``words``
-# (B, T, no bos/eos) and the model's ``temperature``:
-# - max_sim / max_sim_words: the training score over all tokens / over words only;
-# - mean_sim_words: mean instead of max; caption_embedding: against the caption's embedding;
-# - peak_words: max minus mean over the words (a patch similar to every word is not relevant);
-# - attention_max_words: each word's softmax over patches, max over words (text-to-patch
-#   attention, top);
-# - token_centred_words: each word's similarity minus its mean over the image's patches, max
-#   over words; double_centred_words: minus the patch's mean over the words as well.
-PROBES = {
-    "max_sim": lambda a: _masked_max(a["sim"], a["valid"][:, None], -1),
-    "max_sim_words": lambda a: _masked_max(a["sim"], a["words"][:, None], -1),
-    "mean_sim_words": lambda a: _mean_over(a["sim"], a["words"]),
-    "caption_embedding": lambda a: a["cls"],
-    "peak_words": lambda a: (
-        _masked_max(a["sim"], a["words"][:, None], -1) - _mean_over(a["sim"], a["words"])
-    ),
-    "attention_max_words": lambda a: _masked_max(
-        _softmax_over_patches(a["sim"], a["temperature"]), a["words"][:, None], -1
-    ),
-    "token_centred_words": lambda a: _masked_max(
-        a["sim"] - a["sim"].mean(1, keepdims=True), a["words"][:, None], -1
-    ),
-    "double_centred_words": lambda a: (
-        _masked_max(a["sim"] - a["sim"].mean(1, keepdims=True), a["words"][:, None], -1)
-        - _mean_over(a["sim"] - a["sim"].mean(1, keepdims=True), a["words"])
-    ),
-}
-
-
 def _word_rows(sim, shape_on, word_tokens, same, present):
     """Rows per (image, shape) whose word is in the caption: the word's patch similarity (max
     over its pieces), whether it is real, the patches of the shapes sharing that colour/kind,
@@ -320,7 +219,7 @@ def _word_rows(sim, shape_on, word_tokens, same, present):
     rows_sim, rows_valid, rows_target = [], [], []
     for i in range(MAX_OBJECTS):
         tok = word_tokens[:, i]  # (B, T)
-        rows_sim.append(_masked_max(sim, tok[:, None, :], -1))  # (B, N)
+        rows_sim.append(relevance_probes.masked_max(sim, tok[:, None, :], -1))  # (B, N)
         rows_valid.append(present[:, i] & tok.any(-1))
         rows_target.append(np.any(same[:, i, :, None] & shape_on, axis=1))  # (B, N)
     on_object = np.tile(shape_on.any(1), (MAX_OBJECTS, 1))
@@ -360,12 +259,12 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
         words = valid & (tokens != BOS_ID) & (tokens != EOS_ID)
         metrics = grounding.selection_metrics(relevance, on_object, keep, masked)
         arrays = dict(sim=sim, cls=cls, valid=valid, words=words, temperature=temperature)
-        for name, probe in PROBES.items():
+        for name, probe in relevance_probes.CHEAP.items():
             scores = probe(arrays)
             metrics[f"probe_{name}_auroc"] = grounding.per_image_auroc(scores, on_object)
         if s["probes"]:
             costly = context.call(
-                _costly_probes, tuple(sorted(s["probes"])), batch["image"], batch["tokens"]
+                relevance_probes.costly, tuple(sorted(s["probes"])), batch["image"], batch["tokens"]
             )
             for name, scores in costly.items():
                 scores = common.gather(scores)[real]
@@ -375,10 +274,10 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
         for key, value in metrics.items():
             per_image.setdefault(key, []).append(value)
         present = coverage.max(-1) > 0  # (B, K): the scene has shape k
+        word_sim = relevance_probes.centred(sim, words) if score_mode == "centred_max_sim" else sim
         for kind, same in (("colour", "same_colour"), ("kind", "same_kind")):
-            rows = _word_rows(
-                sim, shape_on, host_batch[f"{kind}_tokens"][real], host_batch[same][real], present
-            )
+            word_tokens = host_batch[f"{kind}_tokens"][real]
+            rows = _word_rows(word_sim, shape_on, word_tokens, host_batch[same][real], present)
             for key, value in grounding.word_metrics(*rows).items():
                 per_word.setdefault(f"{kind}_word_{key}", []).append(value)
         if eval_config.num_examples > 0 and total >= eval_config.num_examples:
