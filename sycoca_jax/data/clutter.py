@@ -147,6 +147,19 @@ def render(scene: shapes.Scene, clutter: Clutter, image_size: int) -> Image.Imag
     return image.resize((image_size, image_size), Image.Resampling.BOX)
 
 
+def distractor_masks(clutter: Clutter, image_size: int) -> np.ndarray:
+    """(num distractors, size, size) float32: the share of each pixel each distractor covers,
+    drawn as ``render`` draws it (``shapes.object_masks``' counterpart)."""
+    big = image_size * shapes.SUPERSAMPLE
+    masks = []
+    for distractor in clutter.distractors:
+        canvas = Image.new("L", (big, big), 0)
+        _draw_distractor(ImageDraw.Draw(canvas), distractor, big, fill=255)
+        small = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+        masks.append(np.asarray(small, np.float32) / 255.0)
+    return np.stack(masks) if masks else np.zeros((0, image_size, image_size), np.float32)
+
+
 def render_example(example: shapes.Example, image_size: int) -> Image.Image:
     """The image of a plain or cluttered example."""
     if example.clutter is None:
@@ -159,14 +172,16 @@ def _rotated(points: np.ndarray, cx: float, cy: float, angle: float) -> list[tup
     return [(cx + c * px - s * py, cy + s * px + c * py) for px, py in points]
 
 
-def _draw_distractor(draw: ImageDraw.ImageDraw, d: Distractor, side: float) -> None:
+def _draw_distractor(
+    draw: ImageDraw.ImageDraw, d: Distractor, side: float, fill: int | None = None
+) -> None:
     cell = side / 3
     r = d.radius * cell
     slack = cell / 2 - r
     row, col = divmod(d.cell, 3)
     cx = (col + 0.5) * cell + 0.6 * slack * d.jitter[0]
     cy = (row + 0.5) * cell + 0.6 * slack * d.jitter[1]
-    fill = DISTRACTOR_COLOURS[d.colour]
+    fill = DISTRACTOR_COLOURS[d.colour] if fill is None else fill
     if d.kind == "ring":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, int(0.35 * r)))
         return

@@ -63,6 +63,19 @@ def per_image_auroc(scores: np.ndarray, on_object: np.ndarray) -> np.ndarray:
     return np.array([auroc(s, o) for s, o in zip(scores, on_object, strict=True)])
 
 
+def per_image_auroc_between(
+    scores: np.ndarray, positive: np.ndarray, negative: np.ndarray
+) -> np.ndarray:
+    """(B,) AUROC of ``positive`` against ``negative`` patches only (the rest left out; a patch
+    in both counts as positive), e.g. described objects against caption-unrelated ones."""
+    positive, negative = np.asarray(positive, bool), np.asarray(negative, bool)
+    out = []
+    for s, pos, neg in zip(scores, positive, negative, strict=True):
+        keep = pos | neg
+        out.append(auroc(s[keep], pos[keep]))
+    return np.array(out)
+
+
 def argmax_hits(similarity: np.ndarray, on_target: np.ndarray) -> np.ndarray:
     """(B, N) similarity of each patch to a word, (B, N) bool target -> (B,) whether the most
     similar patch (lowest index on ties) lies on the target."""

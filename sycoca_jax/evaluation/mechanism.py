@@ -11,7 +11,8 @@ and ``grounding`` turns scores and coverage into:
 - ``caption_keep_precision``: share of the patches the captioner would keep that lie on a
   described object (random: the object share of the image);
 - ``tgmim_mask_recall``: share of the object patches TG-MIM would hide (random: its mask ratio);
-- ``relevance_auroc``: object vs other patches (random: 0.5);
+- ``relevance_auroc``: object vs other patches (random: 0.5); on ``clutter`` builds also
+  ``relevance_vs_distractor_auroc``: described objects vs the undescribed distractors only;
 - ``colour_word_hit`` / ``kind_word_hit``: the patch most similar to a colour (kind) word of
   the caption lies on a shape of that colour (kind) (random: the share of such patches);
   ``*_word_object_hit``: on any described shape; ``*_word_hit_given_object``: on the named
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sycoca_jax.data import pipeline, shapes, shapes_builder, sources, transforms
+from sycoca_jax.data import clutter, pipeline, shapes, shapes_builder, sources, transforms
 from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, load_tokenizer
 from sycoca_jax.evaluation import common, grounding, relevance_probes
 from sycoca_jax.models import masking
@@ -141,10 +142,15 @@ class ObjectTargets(transforms.RecordMap):
             for j, other in enumerate(scene.shapes):
                 same_colour[i, j] = other.colour == shape.colour
                 same_kind[i, j] = other.kind == shape.kind
+        distractors = np.zeros((n,), np.float32)
+        if example.clutter is not None and example.clutter.distractors:
+            masks = clutter.distractor_masks(example.clutter, self.image_size)
+            distractors = shapes.patch_coverage(masks, self.patch_size).max(0)
         return {
             **record,
             "tokens": tokens,
             "coverage": coverage,
+            "distractor_coverage": distractors,
             "colour_tokens": colour_tokens,
             "kind_tokens": kind_tokens,
             "same_colour": same_colour,
@@ -187,6 +193,7 @@ def _placeholder(image_size: int, n: int, length: int) -> dict[str, np.ndarray]:
         "image": np.zeros((image_size, image_size, 3), np.float32),
         "tokens": np.zeros((length + 1,), np.int32),
         "coverage": np.zeros((MAX_OBJECTS, n), np.float32),
+        "distractor_coverage": np.zeros((n,), np.float32),
         "colour_tokens": np.zeros((MAX_OBJECTS, length), bool),
         "kind_tokens": np.zeros((MAX_OBJECTS, length), bool),
         "same_colour": np.zeros((MAX_OBJECTS, MAX_OBJECTS), bool),
@@ -258,9 +265,22 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
         valid = tokens != PAD_ID
         words = valid & (tokens != BOS_ID) & (tokens != EOS_ID)
         metrics = grounding.selection_metrics(relevance, on_object, keep, masked)
+        on_distractor = grounding.object_patches(
+            host_batch["distractor_coverage"][real], s["min_coverage"]
+        )
+        has_clutter = bool(on_distractor.any())
+        if has_clutter:
+            metrics["relevance_vs_distractor_auroc"] = grounding.per_image_auroc_between(
+                relevance, on_object, on_distractor
+            )
+            metrics["distractor_patch_share"] = on_distractor.mean(-1)
         arrays = dict(sim=sim, cls=cls, valid=valid, words=words, temperature=temperature)
         for name, probe in relevance_probes.CHEAP.items():
             scores = probe(arrays)
+            if has_clutter:
+                metrics[f"probe_{name}_vs_distractor_auroc"] = grounding.per_image_auroc_between(
+                    scores, on_object, on_distractor
+                )
             metrics[f"probe_{name}_auroc"] = grounding.per_image_auroc(scores, on_object)
         if s["probes"]:
             costly = context.call(

@@ -117,3 +117,17 @@ def test_build_records_regenerate_from_their_ids(tmp_path):
         assert bytes(record["image"]) == encoded
     with pytest.raises(ValueError, match="record id"):
         shapes_builder.parse_id("bogus_12")
+
+
+def test_distractor_masks_match_the_painted_distractors():
+    for index in range(20):
+        example = clutter.make_example(0, "validation", index, 0.25)
+        image = np.asarray(clutter.render_example(example, 64)).astype(np.int32)
+        masks = clutter.distractor_masks(example.clutter, 64)
+        assert masks.shape == (len(example.clutter.distractors), 64, 64)
+        for distractor, mask in zip(example.clutter.distractors, masks, strict=True):
+            full = mask == 1.0
+            assert full.sum() > 5
+            colour = clutter.DISTRACTOR_COLOURS[distractor.colour]
+            np.testing.assert_array_equal(image[full], np.broadcast_to(colour, image[full].shape))
+        assert not (masks.sum(0) * shapes.object_masks(example.scene, 64).sum(0)).any()

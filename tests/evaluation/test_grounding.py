@@ -123,3 +123,13 @@ def test_object_masks_match_the_rendered_pixels():
         np.testing.assert_array_equal(
             image[empty], np.broadcast_to(scene.background, image[empty].shape)
         )
+
+
+def test_auroc_between_two_kinds_of_patches_ignores_the_rest():
+    scores = np.array([[0.9, 0.1, 0.5, 0.8, 0.2]])
+    described = np.array([[1, 0, 0, 0, 0]], bool)
+    distractor = np.array([[0, 0, 0, 1, 1]], bool)
+    # 0.9 beats both distractors (0.8, 0.2); background patches 1 and 2 do not count.
+    assert grounding.per_image_auroc_between(scores, described, distractor)[0] == 1.0
+    assert grounding.per_image_auroc_between(-scores, described, distractor)[0] == 0.0
+    assert np.isnan(grounding.per_image_auroc_between(scores, described, ~distractor & False)[0])
