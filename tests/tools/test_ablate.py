@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,39 +68,36 @@ def test_a_finished_run_of_another_spec_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_variants_one_seed_end_to_end(data_dir, tmp_path, monkeypatch):
-    """2 variants x 1 seed x 3 steps in this process, then the resumed study skips both."""
-    from sycoca_jax.tools import ablation_report
-
-    variants = ablate.select_variants(["clip", "coca"], [])
-    common = {
-        "data.name": SMALL_NAME,
-        "data.data_dir": data_dir,
-        "data.num_workers": 0,
-        "batch_size": 16,
-    }
-    specs = ablate.make_specs(
-        variants,
-        1,
-        data="shapes",
-        size="tiny",
-        steps=3,
-        mechanism_every=3,
-        common_overrides=common,
-        config_file=str(ROOT / "configs" / "sycoca.py"),
-        evals=("mechanism",),
-        eval_every=0,
+def test_two_variants_one_seed_through_the_cli(data_dir, tmp_path):
+    """2 variants x 1 seed x 3 steps, one CPU device; the resumed study skips both runs."""
+    root = tmp_path / "study"
+    command = [
+        sys.executable, "-m", "sycoca_jax.tools.ablate", f"--workdir={root}", "--data=shapes",
+        "--seeds=1", "--variants=clip,coca", "--steps=3", "--evals=mechanism",
+        "--mechanism_every=3", "--eval_every=0", "--parallel=0",
+        f"--set=data.name={SMALL_NAME}", f"--set=data.data_dir={data_dir}",
+        "--set=data.num_workers=0", "--set=batch_size=16", "--set=model.image_depth=1",
+        "--set=model.text_depth=1", "--set=model.multimodal_depth=1",
+    ]  # fmt: skip
+    # One CPU device (not the 8 fake ones of the test session): smaller programs to compile.
+    flags = " ".join(
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
     )
-    root = str(tmp_path)
-    assert ablate.run_all(specs, root, parallel=0) == []
-    records = [ablate.finished(s, root) for s in specs]
-    assert [r["spec"]["variant"] for r in records] == ["clip", "coca"]
-    paths = ablation_report.write_report(records, root)
-    summary = json.loads(paths[0].read_text())["summary"]
-    auroc = summary["coca"]["mechanism/relevance_auroc"]["value"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((root / "ablation.json").read_text())
+    assert [r["spec"]["variant"] for r in report["runs"]] == ["clip", "coca"]
+    auroc = report["summary"]["coca"]["mechanism/relevance_auroc"]["value"]
     assert auroc["n"] == 1 and 0 <= auroc["mean"] <= 1 and auroc["ci95"] is None
-    assert "vs_baseline" in summary["clip"]["mechanism/relevance_auroc"]
-    assert "| coca |" in paths[1].read_text()
-    assert np.asarray(Image.open(paths[2])).ndim == 3
-    monkeypatch.setattr(ablate, "run_one", lambda *a: pytest.fail("a finished run ran again"))
-    assert ablate.run_all(specs, root, parallel=0) == []
+    assert "vs_baseline" in report["summary"]["clip"]["mechanism/relevance_auroc"]
+    assert "| coca |" in (root / "ablation.md").read_text()
+    assert np.asarray(Image.open(root / "ablation.png")).ndim == 3
+    done_files = sorted(root.glob("*/seed0/" + ablate.DONE_FILE))
+    stamps = [p.stat().st_mtime_ns for p in done_files]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 of 2 runs already finished" in again.stderr
+    assert [p.stat().st_mtime_ns for p in done_files] == stamps
