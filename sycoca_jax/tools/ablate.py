@@ -194,7 +194,11 @@ def finished(spec: RunSpec, root: str) -> dict[str, Any] | None:
     return record
 
 
-def _launch(spec: RunSpec, root: str, slot: int, single_threaded: bool) -> subprocess.Popen:
+def _launch(
+    spec: RunSpec, root: str, slot: int, single_threaded: bool, pin: bool
+) -> subprocess.Popen:
+    """Starts one run in its own process; single-threaded runs of a parallel study each get a
+    core of their own (``pin``)."""
     workdir = spec.workdir(root)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
@@ -202,6 +206,7 @@ def _launch(spec: RunSpec, root: str, slot: int, single_threaded: bool) -> subpr
     preexec = None
     if single_threaded:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA}".strip()
+    if single_threaded and pin:
         cpus = sorted(os.sched_getaffinity(0))
         core = cpus[slot % len(cpus)]
 
@@ -246,7 +251,8 @@ def run_all(
             spec = pending.pop(0)
             slot = free.pop(0)
             logging.info("start %s seed %d (slot %d)", spec.variant, spec.seed, slot)
-            running[slot] = (spec, _launch(spec, root, slot, single_threaded), time.time())
+            process = _launch(spec, root, slot, single_threaded, pin=parallel > 1)
+            running[slot] = (spec, process, time.time())
         time.sleep(2)
         for slot, (spec, process, started) in list(running.items()):
             code = process.poll()
