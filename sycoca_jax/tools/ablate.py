@@ -346,6 +346,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("parallel", 1, "Runs at a time, each in a process (0: in this one).")
     flags.DEFINE_bool("single_threaded", False, "Each run on one core with one XLA thread.")
     flags.DEFINE_string("baseline", "coca", "Variant the paired differences are taken from.")
+    flags.DEFINE_string("report", "ablation", "Report file names: <report>.json/.md/.png.")
     flags.DEFINE_string("run_spec", None, "(internal) run the one spec in this file")
 
 
@@ -383,7 +384,7 @@ def main(argv: list[str]) -> None:
         finished(spec, FLAGS.workdir)
     failed = run_all(specs, FLAGS.workdir, FLAGS.parallel, FLAGS.single_threaded)
     records = [r for s in specs if (r := finished(s, FLAGS.workdir)) is not None]
-    paths = ablation_report.write_report(records, FLAGS.workdir, FLAGS.baseline)
+    paths = ablation_report.write_report(records, FLAGS.workdir, FLAGS.baseline, FLAGS.report)
     print("\n".join(str(p) for p in paths))
     if failed:
         raise SystemExit(f"{len(failed)} runs failed: {failed}")

@@ -93,9 +93,9 @@ def _interval_json(interval: ablation_stats.Interval) -> dict[str, Any]:
 
 
 def write_report(
-    records: Sequence[dict[str, Any]], workdir: str, baseline: str = "coca"
+    records: Sequence[dict[str, Any]], workdir: str, baseline: str = "coca", name: str = "ablation"
 ) -> list[pathlib.Path]:
-    """Writes ``ablation.json``, ``ablation.md`` and ``ablation.png`` into ``workdir``."""
+    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``workdir``."""
     root = pathlib.Path(workdir)
     runs = collect(records)
     summary = ablation_stats.summarise(runs, baseline if baseline in runs else None)
@@ -104,7 +104,7 @@ def write_report(
         spec = record["spec"]
         run_dir = root / spec["variant"] / f"seed{spec['seed']}"
         curves.setdefault(spec["variant"], {})[spec["seed"]] = curve(run_dir / "metrics.jsonl")
-    json_path = root / "ablation.json"
+    json_path = root / f"{name}.json"
     json_path.write_text(
         json.dumps(
             {
@@ -127,9 +127,9 @@ def write_report(
         )
         + "\n"
     )
-    md_path = root / "ablation.md"
+    md_path = root / f"{name}.md"
     md_path.write_text(markdown(records, summary, curves, baseline))
-    png_path = root / "ablation.png"
+    png_path = root / f"{name}.png"
     chart(summary, png_path, baseline)
     return [json_path, md_path, png_path]
 
