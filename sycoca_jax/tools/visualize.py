@@ -70,12 +70,14 @@ def masking_views(
 
 
 def titles(model: SyCoCa) -> tuple[str, ...]:
-    """Panel titles saying which selections the model really makes."""
+    """Panel titles (short enough for a 128-pixel panel) saying which selections the model
+    really makes: "kept"/"hidden" with the branch's masking, "would keep/hide" where the branch
+    is off."""
     attentive = model.use_captioning and model.caption_masking != "none"
-    keep = f"caption keeps ({model.caption_masking})" if attentive else "would keep (attentive)"
-    hide = f"TG-MIM hides ({model.tgmim_masking})" if model.use_tgmim else "would hide (attentive)"
+    keep = f"kept ({model.caption_masking})" if attentive else "would keep"
+    hide = f"hidden ({model.tgmim_masking})" if model.use_tgmim else "would hide"
     recon = "reconstruction" if model.use_tgmim else "(no TG-MIM)"
-    return ("image", f"relevance ({model.score_mode})", keep, hide, recon)
+    return ("image", model.score_mode, keep, hide, recon)
 
 
 def pictures(
