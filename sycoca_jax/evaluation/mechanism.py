@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from sycoca_jax import sharding
 from sycoca_jax.data import clutter, pipeline, shapes, shapes_builder, sources, transforms
 from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, load_tokenizer
 from sycoca_jax.evaluation import common, grounding, relevance_probes
@@ -48,6 +50,17 @@ from sycoca_jax.models.layers import l2_normalize
 from sycoca_jax.models.sycoca import SyCoCa
 
 MAX_OBJECTS = 3  # described shapes per scene (shapes.sample_scene draws 1 to 3)
+# What ``ObjectTargets`` adds to a batch, gathered whole to every process with the scores.
+TARGETS = (
+    "mask",
+    "tokens",
+    "coverage",
+    "distractor_coverage",
+    "colour_tokens",
+    "kind_tokens",
+    "same_colour",
+    "same_kind",
+)
 DEFAULTS: dict[str, Any] = dict(score_mode=None, min_coverage=grounding.MIN_COVERAGE, probes=())
 
 
@@ -204,7 +217,7 @@ def _placeholder(image_size: int, n: int, length: int) -> dict[str, np.ndarray]:
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _scores(model: SyCoCa, params: Any, score_mode: str, images: jax.Array, tokens: jax.Array):
     """(relevance (B, N), cos(patch, token) (B, N, T), cos(patch, caption embedding) (B, N),
-    temperature)."""
+    temperature (B,))."""
     out = model.apply({"params": params}, images, tokens, method=model.relevance_inputs)
     patches = l2_normalize(out["patch_embeddings"])
     similarity = jnp.einsum("bne,bte->bnt", patches, l2_normalize(out["token_embeddings"]))
@@ -216,7 +229,12 @@ def _scores(model: SyCoCa, params: Any, score_mode: str, images: jax.Array, toke
         score_mode,
         out["temperature"],
     )
-    return relevance, similarity, caption_similarity, out["temperature"]
+    # The temperature once per row, split over the batch like the rest: every process can
+    # gather it (a replicated scalar is not addressable from one process of several).
+    temperature = jax.lax.with_sharding_constraint(
+        jnp.zeros_like(relevance[:, 0]) + out["temperature"], PartitionSpec(sharding.BATCH_AXES)
+    )
+    return relevance, similarity, caption_similarity, temperature
 
 
 def _word_rows(sim, shape_on, word_tokens, same, present):
@@ -249,24 +267,26 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
     per_word: dict[str, list[np.ndarray]] = {}
     total = 0
     for host_batch in object_batches(context, eval_config):
-        batch = common.to_device(host_batch, context.mesh, ["image", "tokens"])
+        batch = common.to_device(host_batch, context.mesh, ["image", *TARGETS])
         scores = context.call(_scores, score_mode, batch["image"], batch["tokens"])
-        relevance, sim, cls = (common.gather(x) for x in scores[:3])
-        temperature = float(scores[3])
-        real = np.flatnonzero(host_batch["mask"])
+        relevance, sim, cls, temperatures = (common.gather(x) for x in scores)
+        temperature = float(temperatures[0])
+        # The targets of the whole global batch, on every process (rows match the scores').
+        targets = {key: common.gather(batch[key]) for key in TARGETS}
+        real = np.flatnonzero(targets["mask"])
         if not len(real):
             continue
         total += len(real)
-        coverage = host_batch["coverage"][real]
+        coverage = targets["coverage"][real]
         shape_on = grounding.object_patches(coverage, s["min_coverage"])  # (B, K, N)
         on_object = shape_on.any(1)
         relevance, sim, cls = relevance[real], sim[real], cls[real]
-        tokens = host_batch["tokens"][real, :-1]
+        tokens = targets["tokens"][real, :-1]
         valid = tokens != PAD_ID
         words = valid & (tokens != BOS_ID) & (tokens != EOS_ID)
         metrics = grounding.selection_metrics(relevance, on_object, keep, masked)
         on_distractor = grounding.object_patches(
-            host_batch["distractor_coverage"][real], s["min_coverage"]
+            targets["distractor_coverage"][real], s["min_coverage"]
         )
         has_clutter = bool(on_distractor.any())
         if has_clutter:
@@ -296,8 +316,8 @@ def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> 
         present = coverage.max(-1) > 0  # (B, K): the scene has shape k
         word_sim = relevance_probes.centred(sim, words) if score_mode == "centred_max_sim" else sim
         for kind, same in (("colour", "same_colour"), ("kind", "same_kind")):
-            word_tokens = host_batch[f"{kind}_tokens"][real]
-            rows = _word_rows(word_sim, shape_on, word_tokens, host_batch[same][real], present)
+            word_tokens = targets[f"{kind}_tokens"][real]
+            rows = _word_rows(word_sim, shape_on, word_tokens, targets[same][real], present)
             for key, value in grounding.word_metrics(*rows).items():
                 per_word.setdefault(f"{kind}_word_{key}", []).append(value)
         if eval_config.num_examples > 0 and total >= eval_config.num_examples:
