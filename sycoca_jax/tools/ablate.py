@@ -10,7 +10,8 @@ order), then writes ``ablation.json`` (every run's metrics and the summary), ``a
 (mean ± 95 % Student-t interval per metric, and each variant's paired difference from CoCa with
 the same seed) and ``ablation.png``. Finished runs are skipped, so rerunning the command resumes
 an interrupted study (an interrupted run resumes from its checkpoint) and adding variants or
-seeds only trains the new runs.
+seeds only trains the new runs; ``--reevaluate=mechanism`` evaluates finished runs again (e.g.
+after a metric was added).
 
 Variants (``VARIANTS``): the rows of Table 5 -- ``clip`` (ITC only), ``coca``,
 ``coca_attentive_caption`` (CoCa whose captioner sees the attentively kept patches),
@@ -177,6 +178,24 @@ def run_one(spec: RunSpec, root: str) -> dict[str, Any]:
         "train": ablation_report.last_train_metrics(workdir / "metrics.jsonl"),
     }
     (workdir / DONE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def reevaluate(spec: RunSpec, root: str, requested: Sequence[str]) -> dict[str, Any]:
+    """Evaluates a finished run's final checkpoint again with today's evaluators (entries or
+    kinds ``requested``), e.g. after a metric was added, and updates its record."""
+    from sycoca_jax import evaluate
+
+    record = finished(spec, root)
+    if record is None:
+        raise ValueError(f"{spec.workdir(root)} has no finished run to evaluate again")
+    config = build_config(spec)
+    names = [n for n in config.evals if n in requested or config.evals[n].kind in requested]
+    results = evaluate.evaluate(
+        config, str(spec.workdir(root)), step=config.total_steps, requested=names
+    )
+    record["results"].update({n: {**results[n], "step": results["step"]} for n in names})
+    (spec.workdir(root) / DONE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
 
 
@@ -347,6 +366,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("single_threaded", False, "Each run on one core with one XLA thread.")
     flags.DEFINE_string("baseline", "coca", "Variant the paired differences are taken from.")
     flags.DEFINE_string("report", "ablation", "Report file names: <report>.json/.md/.png.")
+    flags.DEFINE_list(
+        "reevaluate", [], "Entries or kinds to evaluate again on finished runs (today's code)."
+    )
     flags.DEFINE_string("run_spec", None, "(internal) run the one spec in this file")
 
 
@@ -383,6 +405,10 @@ def main(argv: list[str]) -> None:
         build_config(spec)
         finished(spec, FLAGS.workdir)
     failed = run_all(specs, FLAGS.workdir, FLAGS.parallel, FLAGS.single_threaded)
+    if FLAGS.reevaluate:
+        for spec in specs:
+            if finished(spec, FLAGS.workdir) is not None:
+                reevaluate(spec, FLAGS.workdir, FLAGS.reevaluate)
     records = [r for s in specs if (r := finished(s, FLAGS.workdir)) is not None]
     paths = ablation_report.write_report(records, FLAGS.workdir, FLAGS.baseline, FLAGS.report)
     print("\n".join(str(p) for p in paths))

@@ -96,8 +96,16 @@ def test_two_variants_one_seed_through_the_cli(data_dir, tmp_path):
     assert "| coca |" in (root / "ablation.md").read_text()
     assert np.asarray(Image.open(root / "ablation.png")).ndim == 3
     done_files = sorted(root.glob("*/seed0/" + ablate.DONE_FILE))
+    checkpoints = sorted(str(p) for p in root.glob("*/seed0/checkpoints/*"))
     stamps = [p.stat().st_mtime_ns for p in done_files]
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Again, asking for the mechanism evaluation anew: nothing trains, the records are updated.
+    again = subprocess.run(
+        [*command, "--reevaluate=mechanism"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 of 2 runs already finished" in again.stderr
-    assert [p.stat().st_mtime_ns for p in done_files] == stamps
+    assert sorted(str(p) for p in root.glob("*/seed0/checkpoints/*")) == checkpoints
+    assert all(p.stat().st_mtime_ns > t for p, t in zip(done_files, stamps, strict=True))
+    record = json.loads(done_files[0].read_text())
+    assert record["results"]["shapes_mechanism"]["step"] == 3
