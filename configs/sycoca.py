@@ -22,6 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 from sycoca_jax.config_args import parse_arg
+from sycoca_jax.evaluation import registry
 from sycoca_jax.models import vit
 
 
@@ -116,6 +117,9 @@ LARGE_DEFAULTS = dict(
     decoder_mlp_dim=2048,
     dtype="bfloat16",
     scan=True,
+    # cuDNN flash attention on GPUs, splash attention on TPUs where shapes allow, else XLA
+    # (sycoca_jax.models.attention.choose).
+    attention_impl="auto",
 )
 
 OBJECTIVES = {
@@ -224,40 +228,15 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def eval_entry(kind: str, split: str, dataset: str | None = None, **fields) -> dict:
-    """One ``config.evals`` entry (``sycoca_jax.evaluation.registry``); ``dataset`` unset = the
-    training data's dataset. ``every_steps`` > 0 also runs it during training (and at the end)."""
-    defaults = dict(
-        zeroshot=dict(templates="clip_imagenet"),
-        retrieval=dict(),
-        captioning=dict(
-            decode="beam",  # greedy | beam | sample
-            num_beams=3,
-            length_penalty=0.6,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            seed=0,
-            max_len=ml_collections.config_dict.placeholder(int),  # unset: model.max_text_len
-            print_examples=5,
-        ),
-        mechanism=dict(
-            score_mode=ml_collections.config_dict.placeholder(str),  # unset: model.score_mode
-            min_coverage=0.1,  # a patch lies on an object from this share of its pixels
-            probes=(),  # costlier scores to compare (mechanism.COSTLY_PROBES)
-        ),
-    )[kind]
-    entry = dict(
-        kind=kind,
-        dataset=ml_collections.config_dict.placeholder(str) if dataset is None else dataset,
-        split=split,
-        batch_size=256,
-        every_steps=0,
-        num_examples=-1,  # -1: the whole split
-        **defaults,
-    )
-    entry.update(fields)
-    return entry
+def eval_entry(
+    kind: str, split: str, dataset: str | None = None, **fields
+) -> ml_collections.ConfigDict:
+    """One ``config.evals`` entry: ``kind`` and every field of that evaluator's ``Settings``
+    (``sycoca_jax.evaluation.registry``; an unknown field is an error), defaults overridden by
+    ``fields``. ``dataset`` unset = the training data's dataset; ``every_steps`` > 0 also runs it
+    during training (and at the end); ``required`` True fails before training when the model
+    cannot run it (otherwise such an entry is dropped with one log line)."""
+    return registry.entry_config(kind, split=split, dataset=dataset, **fields)
 
 
 def evals_config(size: str, data: str) -> ml_collections.ConfigDict:
@@ -326,6 +305,9 @@ def train_fields(size: str, data: str) -> dict:
         checkpoint_every_steps=500 if tiny else 2000,
         keep_checkpoints=3,
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Persistent compilation cache (local or gs://); unset: $JAX_COMPILATION_CACHE_DIR, which
+        # the launchers set, else none.
+        compilation_cache_dir=placeholder(str),
         # Transfer init: copy these parameter subtrees from a checkpoint before training.
         init=ml_collections.ConfigDict(
             dict(checkpoint=placeholder(str), subtrees=("image_encoder",))
@@ -340,7 +322,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = args.objective
     config.model = model_config(args.size, args.objective)
     config.loss = ml_collections.ConfigDict(
-        dict(**OBJECTIVES[args.objective]["loss"], label_smoothing=0.0)
+        dict(
+            **OBJECTIVES[args.objective]["loss"],
+            label_smoothing=0.0,
+            caption_chunk_len=8,  # positions per chunk of the caption loss (losses.py); 0: all
+        )
     )
     config.data = data_config(args.data)
     config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes

@@ -146,8 +146,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules="fsdp"))
     config.data = data_config(args.data, args.task)
     config.eval_batch_size = 256 if shapes else 1024  # global, over all processes
-    config.save_checkpoint = True  # the trained head (and tower) under <workdir>/checkpoints
     if args.task == "linear_probe":
+        config.save_checkpoint = True  # the probe under <workdir>/checkpoints/0
         config.linear_probe = ml_collections.ConfigDict(
             dict(
                 feature="mean_patch+embedding",  # | mean_patch | embedding
@@ -163,6 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_epochs = placeholder(float) if shapes else 10.0
     config.total_examples = placeholder(int)
     config.log_every_steps = 50 if shapes else 100
+    # As in pretraining: the trained head (and tower) with the data position under
+    # <workdir>/checkpoints, also at the last step and on SIGTERM; a run resumes from them.
+    config.checkpoint_every_steps = 100 if shapes else 1000
+    config.keep_checkpoints = 2
     config.optim = optim_config(args.task, shapes)
     config.head = ml_collections.ConfigDict(
         dict(num_heads=placeholder(int))  # the pooler's heads; unset: the pretrained poolers'

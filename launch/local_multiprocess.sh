@@ -115,6 +115,8 @@ trap on_signal INT TERM
 # SIGTERM (a checkpoint at a common step), instead of interrupting every process mid-step.
 set -m
 xla_flags="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+# Compiled programs are reused by the next run of the same program.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${TMPDIR:-/tmp}/sycoca_jax_compilation_cache}
 for ((i = 0; i < num_processes; i++)); do
   log="$log_dir/process_$i.log"
   command=(

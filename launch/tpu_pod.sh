@@ -175,7 +175,10 @@ fi
 main_args=(--distributed=on "--config=$config" "--workdir=$workdir")
 [[ -n $recipe ]] && main_args+=("--flagfile=$recipe")
 main_args+=("${train_args[@]}")
-command="cd ~/sycoca_jax && ~/sycoca_venv/bin/python -m sycoca_jax.main"
+# Compiled programs kept in the workdir: a restart after a preemption, on any worker, skips
+# the compile.
+command="cd ~/sycoca_jax && JAX_COMPILATION_CACHE_DIR=$(printf '%q' "$workdir/compilation_cache")"
+command+=" ~/sycoca_venv/bin/python -m sycoca_jax.main"
 command+=$(printf ' %q' "${main_args[@]}")
 if [[ $detach -eq 1 ]]; then
   command="nohup bash -c $(printf '%q' "$command") > ~/sycoca_train.log 2>&1 &"

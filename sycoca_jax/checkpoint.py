@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,9 +23,13 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def _handlers() -> dict[str, Any]:
+    # Imported where used: the data-iterator state needs grain, which a bare accelerator host
+    # (tools.benchmark) does not have.
+    from sycoca_jax.data import iterator_state
+
     return {
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "data": iterator_state.DataStateHandler(),  # grain's, resumable on another layout
         "config": ocp.JsonCheckpointHandler(),
     }
 
@@ -89,7 +92,9 @@ class Checkpointer:
     ) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            from sycoca_jax.data import iterator_state
+
+            items["data"] = iterator_state.DataStateSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(
                 config.to_dict() if hasattr(config, "to_dict") else config
@@ -108,7 +113,9 @@ class Checkpointer:
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            from sycoca_jax.data import iterator_state
+
+            items["data"] = iterator_state.DataStateRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def restore_config(self, step: int) -> dict[str, Any]:

@@ -3,8 +3,10 @@ r"""Evaluate a checkpoint on the downstream tasks of ``config.evals``.
   python -m sycoca_jax.evaluate --config=configs/sycoca.py:tiny --workdir=/tmp/sycoca_tiny \
       [--checkpoint=PATH] [--step=N] [--evals=zeroshot,retrieval,captioning]
 
-``--evals`` names entries of ``config.evals`` or kinds (all entries of that kind); by default all
-run. Results go to stdout, ``<workdir>/eval_results.json`` and ``<workdir>/metrics.jsonl``.
+``--evals`` names entries of ``config.evals`` or kinds (all entries of that kind), and the model
+must be able to run each (captioning needs a captioning head); by default every entry the model
+can run runs (the others are dropped with one log line). Results go to stdout,
+``<workdir>/eval_results.json`` and ``<workdir>/metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ def load_for_eval(
     config: ml_collections.ConfigDict, path: str, step: int | None = None
 ) -> tuple[common.EvalContext, int]:
     """The model of ``config`` with a checkpoint's parameters, sharded on the config's mesh."""
-    mesh = sharding.make_mesh(config.mesh.shape)
-    rules = sharding.logical_rules(config.mesh.rules)
+    placement = sharding.Placement.from_config(config.mesh)
     model = sycoca.from_config(config.model)
     boxed = sycoca.abstract_params(model, boxed=True)
     step, found = ckpt.params_metadata(path, step)
@@ -38,9 +39,9 @@ def load_for_eval(
         raise ckpt.IncompatibleCheckpointError(
             f"checkpoint {path} (step {step}) does not fit this config's model:\n{mismatch}"
         )
-    shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
+    shardings = sharding.shardings_from_boxed(boxed, placement.mesh, placement.rules)
     params = ckpt.load_params(path, step=step, sharding=shardings)
-    return common.EvalContext(model, params, config, mesh, rules), step
+    return common.EvalContext.for_model(model, params, config, placement), step
 
 
 def evaluate(
@@ -50,15 +51,27 @@ def evaluate(
     step: int | None = None,
     requested: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Runs the entries of ``config.evals`` (all, or those ``requested`` by name or kind, which
+    the model must be able to run) on a checkpoint; each entry's results are written to the
+    workdir as soon as it finishes, so a later failure loses none of them."""
     names = registry.select(config, requested)
-    for name in names:
-        registry.resolve(config, name)  # fail on a bad entry before loading anything
+    predictors = registry.config_predictors(config)
+    explicit = True if requested else None
+    # Bad or impossible entries fail, and the workdir is checked, before anything is loaded.
+    names = [n for n in names if registry.resolve(config, n, predictors, explicit) is not None]
+    registry.check_writable(workdir)
     context, step = load_for_eval(config, checkpoint or workdir, step)
-    results = registry.run(context, names)
-    registry.write_results(workdir, step, results)
-    writer = MetricWriter(workdir, tensorboard=False)
-    writer.write(step, registry.flatten(results))
-    writer.close()
+    results: dict[str, Any] = {}
+    try:
+        for name in names:
+            computed = registry.run(context, [name])
+            registry.write_results(workdir, step, computed)
+            results.update(computed)
+    finally:
+        if results:
+            writer = MetricWriter(workdir, tensorboard=False)
+            writer.write(step, registry.flatten(results))
+            writer.close()
     return {**results, "step": step}
 
 

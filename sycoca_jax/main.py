@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from absl import flags
 
-from sycoca_jax import binaries, train
+from sycoca_jax import binaries
+from sycoca_jax.train import pretrain
 
 
 def main(f: flags.FlagValues) -> None:
-    train.train_and_evaluate(f.config, f.workdir)
+    pretrain.train_and_evaluate(f.config, f.workdir)
 
 
 def define_flags() -> None:

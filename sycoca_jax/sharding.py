@@ -190,9 +190,28 @@ class Placement:
     def replicated(self) -> NamedSharding:
         return replicated(self.mesh)
 
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
     def context(self) -> contextlib.ExitStack:
         """Mesh + rules, for tracing the model (see ``model_context``)."""
         return model_context(self.mesh, self.rules)
+
+    def shardings(self, abstract_boxed: Any) -> Any:
+        """Where each leaf of a boxed tree (e.g. ``jax.eval_shape`` of an init) lives."""
+        return shardings_from_boxed(abstract_boxed, self.mesh, self.rules)
+
+    def abstract(self, abstract_boxed: Any) -> tuple[Any, Any]:
+        """``(ShapeDtypeStructs carrying their shardings, the shardings)`` of a boxed tree: the
+        target that a checkpoint is restored into and a state is created in."""
+        shardings = self.shardings(abstract_boxed)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.unbox(abstract_boxed),
+            shardings,
+        )
+        return abstract, shardings
 
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from sycoca_jax import distributed, metrics, train
+from sycoca_jax import distributed, metrics
+from sycoca_jax.train import preemption
 
 
 # ------------------------------------------------------------------------------ detection
@@ -135,10 +136,10 @@ def test_one_process_stops_on_its_own_sigterm_without_collectives(monkeypatch):
     def no_collectives(*args):
         raise AssertionError("a single process must not gather anything")
 
-    monkeypatch.setattr(train.multihost_utils, "process_allgather", no_collectives)
-    monkeypatch.setattr(train.multihost_utils, "reached_preemption_sync_point", no_collectives)
+    monkeypatch.setattr(preemption.multihost_utils, "process_allgather", no_collectives)
+    monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", no_collectives)
     before = signal.getsignal(signal.SIGTERM)
-    with train.StopSignal() as stop:
+    with preemption.StopSignal() as stop:
         assert not stop.should_stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.should_stop(2)
@@ -149,16 +150,16 @@ def test_several_processes_stop_at_the_step_jax_agrees_on(monkeypatch):
     """JAX's preemption sync manager owns SIGTERM then: no Python handler, and should_stop turns
     True exactly at its sync step."""
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(train, "_preemption_service_running", lambda: True)
+    monkeypatch.setattr(preemption, "preemption_service_enabled", lambda: True)
     asked = []
 
     def sync_point(step):
         asked.append(step)
         return step == 7
 
-    monkeypatch.setattr(train.multihost_utils, "reached_preemption_sync_point", sync_point)
+    monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", sync_point)
     before = signal.getsignal(signal.SIGTERM)
-    with train.StopSignal() as stop:
+    with preemption.StopSignal() as stop:
         assert signal.getsignal(signal.SIGTERM) == before
         assert [stop.should_stop(s) for s in range(5, 9)] == [False, False, True, False]
     assert asked == [5, 6, 7, 8]
@@ -166,27 +167,36 @@ def test_several_processes_stop_at_the_step_jax_agrees_on(monkeypatch):
 
 def test_without_the_preemption_service_the_flag_is_gathered(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(train, "_preemption_service_running", lambda: False)
+    monkeypatch.setattr(preemption, "preemption_service_enabled", lambda: False)
     other_process_flag = [0]
 
     def gather(value):
         return np.asarray([int(value), other_process_flag[0]])
 
-    monkeypatch.setattr(train.multihost_utils, "process_allgather", gather)
-    with train.StopSignal() as stop:
+    monkeypatch.setattr(preemption.multihost_utils, "process_allgather", gather)
+    with preemption.StopSignal() as stop:
         assert not stop.should_stop(1)
         other_process_flag[0] = 1  # SIGTERM reached only the other process
         assert stop.should_stop(2)
 
 
+def test_the_preemption_service_is_read_from_jax_public_config():
+    assert preemption.preemption_service_enabled()  # JAX's default
+    jax.config.update("jax_enable_preemption_service", False)
+    try:
+        assert not preemption.preemption_service_enabled()
+    finally:
+        jax.config.update("jax_enable_preemption_service", True)
+
+
 def test_validation_batches_are_skipped_only_when_some_process_has_padding(monkeypatch):
-    assert train._full_on_every_process(np.ones(4, bool))
-    assert not train._full_on_every_process(np.array([True, False]))
+    assert preemption.all_processes_agree(True)
+    assert not preemption.all_processes_agree(False)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(
-        train.multihost_utils, "process_allgather", lambda v: np.asarray([int(v), 0])
+        preemption.multihost_utils, "process_allgather", lambda v: np.asarray([int(v), 0])
     )
-    assert not train._full_on_every_process(np.ones(4, bool))  # the other process is padded
+    assert not preemption.all_processes_agree(True)  # the other process is padded
 
 
 # ---------------------------------------------------------------------- metrics on GCS/S3

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import train
+from sycoca_jax import sharding, train
 from sycoca_jax.metrics import read_metrics
 from sycoca_jax.tools import inspect_checkpoint
+from sycoca_jax.train import pretrain
 from tests.helpers import ROOT, SMALL_NAME, tiny_config
 
 LOSSES = ("loss/itc", "loss/caption", "loss/tgmim")
@@ -100,7 +101,7 @@ def test_transfer_init_copies_the_image_tower(tiny_run, data_dir, tmp_path):
     config.init.checkpoint = source_workdir
     config.init.subtrees = ("image_encoder",)
     config.total_steps = 1
-    setup = train.make_setup(config, train.sharding.make_mesh((-1, 1, 1)), None)
+    setup = train.make_setup(config, sharding.Placement.from_config(config.mesh), None)
     checkpointer = ckpt.Checkpointer(str(tmp_path))
     state, origin = train.restore_or_init(setup, checkpointer, None)
     checkpointer.close()
@@ -115,7 +116,7 @@ def test_transfer_init_copies_the_image_tower(tiny_run, data_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     """The step's IC loss turns NaN from step 5 on: the loop names step 5 and the term, and the
     checkpoint of step 4 is the last one."""
-    real_compile = train.compile_train_step
+    real_compile = pretrain.compile_train_step
 
     def compile_with_a_nan_from_step_5(setup):
         compiled, report = real_compile(setup)
@@ -128,7 +129,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
 
         return step, report
 
-    monkeypatch.setattr(train, "compile_train_step", compile_with_a_nan_from_step_5)
+    monkeypatch.setattr(pretrain, "compile_train_step", compile_with_a_nan_from_step_5)
     config = tiny_config(data_dir)
     config.model.image_depth = config.model.text_depth = config.model.multimodal_depth = 1
     config.batch_size = 16

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import jax
+import ml_collections
+import numpy as np
 import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 from sycoca_jax import sharding
+from sycoca_jax.data import pipeline
 from sycoca_jax.models import sycoca
 from tests.helpers import config_for
 
@@ -81,3 +85,27 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     assert query.spec == jax.sharding.PartitionSpec("fsdp", None, None)  # 3 heads: not split
     mlp = shardings["image_encoder"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
     assert mlp.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_one_placement_lays_out_state_and_batches():
+    """``Placement`` is what training, transfer and the input pipeline share: the sharded
+    layout of a boxed state, the batch sharding, and global batches built from host arrays."""
+    mesh_config = ml_collections.ConfigDict(dict(shape=(2, 4, 1), rules="fsdp"))
+    placement = sharding.Placement.from_config(mesh_config)
+    assert dict(placement.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert placement.rules == sharding.fsdp_rules() and placement.num_devices == 8
+    boxed = {
+        "kernel": nn.Partitioned(jax.ShapeDtypeStruct((8, 6), "float32"), ("embed", "mlp")),
+        "step": jax.ShapeDtypeStruct((), "int32"),
+    }
+    abstract, shardings = placement.abstract(boxed)
+    assert shardings["kernel"].spec == PartitionSpec("fsdp", None)
+    assert shardings["step"].spec == PartitionSpec()
+    assert abstract["kernel"].shape == (8, 6) and abstract["kernel"].sharding == shardings["kernel"]
+    host = {"x": np.arange(32, dtype=np.float32).reshape(16, 2)}
+    batch = pipeline.make_global_batch(host, placement)
+    assert batch["x"].sharding == placement.batch_sharding
+    assert placement.batch_sharding.spec == PartitionSpec(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(batch["x"]), host["x"])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pipeline.make_global_batch({"x": np.zeros((4, 2))}, placement)

@@ -26,7 +26,7 @@ def small_config(arg: str = "tiny", batch_size: int = 16):
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     m = config.model
-    images = rng.normal(size=(config.batch_size, m.image_size, m.image_size, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (config.batch_size, m.image_size, m.image_size, 3), np.uint8)
     tokens = random_tokens(rng, config.batch_size, m.max_text_len, 64)
     return {"image": images, "tokens": tokens}
 
@@ -39,7 +39,7 @@ def run_steps(config, mesh_shape, num_steps: int = 3, devices=None):
     compiled, _ = train.compile_train_step(setup)
     history = []
     for i in range(num_steps):
-        batch = jax.device_put(synthetic_batch(config, seed=i), setup.batch_sharding)
+        batch = jax.device_put(synthetic_batch(config, seed=i), setup.placement.batch_sharding)
         state, metrics = compiled(state, batch)
         history.append({k: float(v) for k, v in metrics.items()})
     return jax.device_get(state), history
@@ -101,7 +101,7 @@ def test_baselines_train_from_the_same_code(objective):
     setup = train.make_setup(config, mesh, None)
     state = train.initial_state(setup, 0)
     compiled, _ = train.compile_train_step(setup)
-    batch = jax.device_put(synthetic_batch(config), setup.batch_sharding)
+    batch = jax.device_put(synthetic_batch(config), setup.placement.batch_sharding)
     losses_seen = []
     for _ in range(8):
         state, metrics = compiled(state, batch)

@@ -2,13 +2,16 @@
 
 Training (``train_dataset`` / ``make_train_iterator``)::
 
-  source -> seeded global shuffle -> this process's slice -> repeat -> decode + random-resized
-  crop + normalise -> one caption per image per epoch -> tokenise -> drop bad records (counted)
-  -> batch (drop_remainder) -> thread or process prefetch
+  source -> global stream (per-epoch shuffle, from the seed) -> this process's rows of each global
+  batch -> decode + random-resized crop + normalise -> one caption per image per epoch ->
+  tokenise -> bad records replaced and counted -> batch -> thread or process prefetch
 
-Every process shuffles with the same seed, so the slices ``index::count`` of one epoch are
-disjoint and cover the split. Batches are ``{"image": (b, H, W, 3) f32, "tokens": (b, L+1) i32}``
-with ``b = global_batch_size // process_count``; the iterator's ``stats`` hold the skip counts.
+The stream is a function of the config (``stream``): every random choice for an example comes from
+(seed, epoch, record), and process ``p`` of ``P`` reads rows ``[p*b, (p+1)*b)`` of global batch
+``s`` (positions ``s*B ...``), so any process layout sees the same global batches and a saved
+position resumes on any process count. Batches are ``{"image": (b, H, W, 3) f32, "tokens": (b,
+L+1) i32}`` with ``b = global_batch_size // process_count``; the iterator's ``stats`` hold the
+skip counts.
 
 Evaluation (``eval_dataset`` / ``make_eval_dataset``): no shuffle, no repeat, resize + centre crop,
 every record kept. Each process gets the same number of batches; the last ones are padded and
@@ -25,17 +28,14 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import flags
-from grain import experimental as grain_experimental
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from sycoca_jax.data import sources, transforms
-from sycoca_jax.data.skipping import DropSkippedIterDataset, SkipCountingIterator
+from sycoca_jax import sharding
+from sycoca_jax.data import sources, stream, transforms
+from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-PREFETCH_KINDS = ("thread", "process")
 EVAL_TASKS = ("retrieval", "captioning", "classification", "validation")
-BATCH_AXES = ("data", "fsdp")
 
 
 def process_slice(
@@ -59,61 +59,6 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def shard_records(
-    source: Sequence[Any], *, seed: int, process_index: int, process_count: int
-) -> grain.MapDataset:
-    """The global shuffle (same permutation on every process) and this process's slice of it.
-
-    Each epoch's permutation loses its last ``len(source) % process_count`` records (other
-    records every epoch), so all processes have equally long epochs.
-    """
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed)
-    usable = len(dataset) - len(dataset) % process_count
-    if usable == 0:
-        raise ValueError(f"{len(dataset)} records cannot be shared by {process_count} processes")
-    if usable < len(dataset):
-        dataset = dataset[:usable]
-    return dataset[process_index::process_count]
-
-
-def _derive_seed(seed: int, *parts: int) -> int:
-    """Distinct per-process seeds for augmentation, so hosts do not crop in lockstep."""
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
-
-
-def _to_batches(
-    dataset: grain.MapDataset,
-    batch_size: int,
-    *,
-    num_workers: int,
-    prefetch: str,
-    buffer_size: int,
-) -> grain.IterDataset:
-    """Reads (in ``num_workers`` threads or processes), drops bad records, batches."""
-    if prefetch not in PREFETCH_KINDS:
-        raise ValueError(f"prefetch must be one of {PREFETCH_KINDS}, got {prefetch!r}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    threads = num_workers if prefetch == "thread" else 0
-    read_options = grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=2 * batch_size if threads else 0
-    )
-    batches = DropSkippedIterDataset(dataset.to_iter_dataset(read_options))
-    batches = batches.batch(batch_size, drop_remainder=True)
-    if num_workers == 0:
-        return batches
-    if prefetch == "process":
-        # grain reads absl flags when it starts workers; outside an absl app (notebooks, tests)
-        # nothing has parsed them, which grain reports as an error.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=buffer_size
-        )
-        return batches.mp_prefetch(options)
-    return grain_experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=buffer_size)
-
-
 def augmented_batches(
     source: Sequence[Any],
     record_steps: Sequence[grain.transforms.Map | grain.transforms.RandomMap],
@@ -131,30 +76,28 @@ def augmented_batches(
     num_workers: int = 0,
     prefetch: str = "thread",
     buffer_size: int = 2,
-) -> grain.IterDataset:
-    """Training batches of augmented images plus what ``record_steps`` add (``keys``): global
-    shuffle, this process's slice, repeat (``num_epochs=None``: forever), random-resized crop,
-    the steps (random ones seeded per process), bad records dropped and counted, batch, prefetch.
+) -> stream.TrainStream:
+    """Training batches of augmented images plus what ``record_steps`` add (``keys``): this
+    process's rows of the global stream (``stream``: per-epoch shuffle, bad records replaced and
+    counted, every random choice drawn from (seed, epoch, record)), ``num_epochs=None``: forever.
 
-    Output order depends on ``num_workers`` with ``prefetch="process"`` (each worker batches its
-    own slice), never on timing.
+    The batches depend on the config alone: not on the process layout, ``num_workers`` or
+    ``prefetch``.
     """
     index, count = process_slice(process_index, process_count)
-    batch_size = per_process_batch_size(global_batch_size, count)
-    dataset = shard_records(source, seed=seed, process_index=index, process_count=count)
-    dataset = dataset.repeat(num_epochs)
-    augment_seed = _derive_seed(seed, index)
-    dataset = dataset.random_map(
-        transforms.TrainImage(spec, image_size, crop_scale, min_image_size), seed=augment_seed
-    )
-    for i, step in enumerate(record_steps, start=1):
-        if isinstance(step, grain.transforms.RandomMap):
-            dataset = dataset.random_map(step, seed=augment_seed ^ (0x5EED * i))
-        else:
-            dataset = dataset.map(step)
-    dataset = dataset.map(transforms.SelectKeys(("image", *keys)))
-    return _to_batches(
-        dataset, batch_size, num_workers=num_workers, prefetch=prefetch, buffer_size=buffer_size
+    per_process_batch_size(global_batch_size, count)  # checks that it divides
+    steps = [
+        transforms.TrainImage(spec, image_size, crop_scale, min_image_size),
+        *record_steps,
+        transforms.SelectKeys(("image", *keys)),
+    ]
+    return stream.TrainStream(
+        source,
+        steps,
+        seed=seed,
+        layout=stream.Layout(global_batch_size, index, count),
+        num_epochs=num_epochs,
+        reading=stream.Reading(num_workers, prefetch, buffer_size),
     )
 
 
@@ -165,7 +108,7 @@ def train_dataset(
     tokenizer: Tokenizer,
     max_text_len: int,
     **options: Any,
-) -> grain.IterDataset:
+) -> stream.TrainStream:
     """The pretraining pipeline (module docstring): one caption sampled per image per epoch,
     tokenised; ``options`` as in ``augmented_batches``."""
     steps = [transforms.SampleCaption(spec), transforms.TokenizeCaption(tokenizer, max_text_len)]
@@ -185,6 +128,7 @@ def eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     min_image_size: int = 1,
+    subsets: Sequence[str] = (),
 ) -> grain.MapDataset:
     """Batches for evaluation; ``len()`` is the number of batches (equal on every process).
 
@@ -193,16 +137,15 @@ def eval_dataset(
     it before ``make_global_batch``), ``caption_mask``; ``classification``: ``image``,
     ``label`` (b,) i32; ``validation``: ``image``, ``tokens`` (b, L+1) from the first caption.
     All of them have ``mask`` (b,) bool, False for padding and bad records, and ``index`` (b,)
-    i32, each row's position in the split (-1 for padding).
+    i32, each row's position in the split (-1 for padding); and each boolean record feature named
+    in ``subsets`` (e.g. ``compositional``) as (b,) bool, False for padding.
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
     index, count = process_slice(process_index, process_count)
     batch_size = per_process_batch_size(global_batch_size, count)
     steps: list[grain.transforms.Map] = [transforms.EvalImage(spec, image_size, min_image_size)]
-    placeholder: dict[str, np.ndarray] = {
-        "image": np.zeros((image_size, image_size, 3), np.float32)
-    }
+    placeholder: dict[str, np.ndarray] = {"image": np.zeros((image_size, image_size, 3), np.uint8)}
     if task in ("retrieval", "validation"):
         if tokenizer is None or max_text_len is None:
             raise ValueError(f"task {task!r} needs a tokenizer and max_text_len")
@@ -225,6 +168,7 @@ def eval_dataset(
     else:
         steps.append(transforms.Label(spec))
         placeholder["label"] = np.int32(0)
+    placeholder.update({key: np.bool_(False) for key in subsets})
     steps.append(transforms.SelectKeys(tuple(placeholder)))
 
     return padded_eval_batches(source, steps, placeholder, index, count, batch_size)
@@ -329,9 +273,11 @@ def make_eval_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     source: Sequence[Any] | None = None,
+    subsets: Sequence[str] = (),
 ) -> grain.MapDataset:
     """Evaluation batches of ``name`` (default ``config.data.name``) ``split`` (default
-    ``config.data.eval_split``), preprocessed as ``config`` says; see ``eval_dataset``."""
+    ``config.data.eval_split``), preprocessed as ``config`` says; see ``eval_dataset``. Of the
+    boolean features ``subsets``, those the records have are carried into the batches."""
     data = config.data
     name = name or data.name
     split = split or data.eval_split
@@ -342,6 +288,7 @@ def make_eval_dataset(
             )
         source = sources.open_source(name, split, data.data_dir, image_decoder=data.image_decoder)
     needs_text = task in ("retrieval", "validation")
+    present = [key for key in subsets if len(source) and key in source[0]]
     return eval_dataset(
         source,
         task=task,
@@ -353,6 +300,7 @@ def make_eval_dataset(
         process_index=process_index,
         process_count=process_count,
         min_image_size=data.min_image_size,
+        subsets=present,
     )
 
 
@@ -360,18 +308,14 @@ def make_eval_dataset(
 # Host batches -> global arrays.
 
 
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """Leading (batch) dimension split over ``batch_axes``, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
-
-
 def make_global_batch(
-    host_batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES
+    host_batch: dict[str, np.ndarray], placement: sharding.Placement | Mesh
 ) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global ``jax.Array``s sharded on the batch axis over
-    ``batch_axes`` (``jax.make_array_from_process_local_data``)."""
-    sharding = batch_sharding(mesh, batch_axes)
-    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    """Host-local numpy batch -> global ``jax.Array``s split on the batch axis over the
+    placement's (or mesh's) ``data × fsdp`` devices (``jax.make_array_from_process_local_data``)."""
+    mesh = placement.mesh if isinstance(placement, sharding.Placement) else placement
+    target = sharding.batch_sharding(mesh)
+    shards = sharding.batch_shards(mesh)
     out = {}
     for key, value in host_batch.items():
         value = np.asarray(value)
@@ -384,8 +328,8 @@ def make_global_batch(
         if global_size % shards:
             raise ValueError(
                 f"global batch {global_size} (entry {key!r}) does not divide over the "
-                f"{shards} devices of mesh axes {tuple(batch_axes)}; choose config.batch_size "
+                f"{shards} devices of mesh axes {sharding.BATCH_AXES}; choose config.batch_size "
                 f"as a multiple of {shards}"
             )
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        out[key] = jax.make_array_from_process_local_data(target, value)
     return out

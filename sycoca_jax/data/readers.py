@@ -10,8 +10,10 @@ Image paths in JSONL/CSV are relative to the file's folder unless absolute. ``so
 one of these files, a folder (its ``*.tar`` shards, else its ``.jsonl``/``.csv``/``.tsv``
 files), or a glob pattern.
 
-Readers never decide whether a record is good: they yield what they found (``None`` for a missing
-image or caption) and report unreadable rows/shards, and the converter counts every reason.
+Text is UTF-8 (a leading byte-order mark, as spreadsheet programs write, is dropped). Readers never
+decide whether an image is good: they yield what they found (``None`` for a missing image or
+caption) and name what is wrong with the rest (``problem``: a row or shard that cannot be read,
+text that is not UTF-8, a caption that is not a string), and the converter counts every reason.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 TABLE_EXTENSIONS = (".jsonl", ".csv", ".tsv")
+# Bytes that are not UTF-8 (read with "surrogateescape"), or a lone surrogate escaped in JSON.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +75,9 @@ def iter_source(
         else:
             raise ValueError(f"cannot read {path!r}: expected .tar, .jsonl, .csv or .tsv")
         for sample in samples:
-            yield dataclasses.replace(sample, key=f"{file_index:05d}/{sample.key}")
+            # A key is an identifier: bytes that are not UTF-8 in a member name stay visible.
+            key = sample.key.encode("utf-8", "backslashreplace").decode("utf-8")
+            yield dataclasses.replace(sample, key=f"{file_index:05d}/{key}")
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -90,7 +97,9 @@ def iter_webdataset_shard(path: str) -> Iterator[ImageText]:
                 if not member.isfile():
                     continue
                 key, extension = _split_member_name(member.name)
-                if key != current_key:
+                # A repeated member (key.jpg twice) starts another sample of the same key: the
+                # converter keeps the first good one and counts the rest as duplicate_key.
+                if key != current_key or extension in parts:
                     if current_key is not None:
                         yield _webdataset_sample(current_key, parts)
                     current_key, parts = key, {}
@@ -104,24 +113,45 @@ def iter_webdataset_shard(path: str) -> Iterator[ImageText]:
 
 def _webdataset_sample(key: str, parts: dict[str, bytes]) -> ImageText:
     image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-    caption = None
+    caption, problem = None, None
     if "txt" in parts:
-        caption = parts["txt"].decode("utf-8", errors="replace")
+        try:
+            caption = parts["txt"].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            problem = "undecodable_text"
     elif "json" in parts:
         try:
-            meta = json.loads(parts["json"])
+            meta = json.loads(parts["json"].decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            problem = "undecodable_text"
+        except ValueError:
+            problem = "unreadable_sidecar"
+        else:
             caption = meta.get("caption") if isinstance(meta, dict) else None
-        except (ValueError, UnicodeDecodeError):
-            caption = None
-    return ImageText(key, image, caption)
+            problem = _caption_problem(caption) or (
+                "undecodable_text" if has_undecodable_text(caption) else None
+            )
+    return ImageText(key, image, None if problem else caption, problem=problem)
+
+
+def _caption_problem(caption: object) -> str | None:
+    """A caption must be a string (or absent: then the sample has none)."""
+    return None if caption is None or isinstance(caption, str) else "bad_caption_type"
+
+
+def has_undecodable_text(*texts: object) -> bool:
+    """Whether text holds bytes that were not UTF-8 (read with ``errors="surrogateescape"``) or
+    surrogates no encoder accepts."""
+    return any(isinstance(t, str) and _SURROGATES.search(t) for t in texts)
 
 
 def iter_table(
     path: str, *, image_key: str = "image", caption_key: str = "caption"
 ) -> Iterator[ImageText]:
-    """Rows of a JSONL / CSV / TSV file; the images are read from disk."""
+    """Rows of a JSONL / CSV / TSV file; the images are read from disk. A row with bytes that are
+    not UTF-8 is reported as ``undecodable_text`` and the rows after it are still read."""
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if path.endswith(".jsonl"):
             rows = _jsonl_rows(f)
         else:
@@ -133,10 +163,18 @@ def iter_table(
                 )
         for line, row in enumerate(rows):
             key = f"row{line:09d}"
+            if row is _UNDECODABLE or (
+                isinstance(row, dict) and has_undecodable_text(*row.values(), *row.keys())
+            ):
+                yield ImageText(key, None, None, problem="undecodable_text")
+                continue
             if row is None or not isinstance(row, dict) or image_key not in row:
                 yield ImageText(key, None, None, problem="unreadable_row")
                 continue
             caption = row.get(caption_key)
+            if problem := _caption_problem(caption):
+                yield ImageText(key, None, None, problem=problem)
+                continue
             image_path = os.path.join(folder, str(row[image_key]))
             try:
                 with open(image_path, "rb") as image_file:
@@ -144,12 +182,18 @@ def iter_table(
             except OSError:
                 yield ImageText(key, None, caption, problem="missing_image")
                 continue
-            yield ImageText(key, image, None if caption is None else str(caption))
+            yield ImageText(key, image, caption)
 
 
-def _jsonl_rows(lines) -> Iterator[dict | None]:
+_UNDECODABLE = object()  # a JSONL line with bytes that are not UTF-8
+
+
+def _jsonl_rows(lines) -> Iterator[dict | None | object]:
     for line in lines:
         if not line.strip():
+            continue
+        if has_undecodable_text(line):
+            yield _UNDECODABLE
             continue
         try:
             yield json.loads(line)

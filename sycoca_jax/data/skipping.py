@@ -1,23 +1,24 @@
 """Bad records at load time: skipped, counted by reason, and carried in the data stream.
 
 A transform that meets a bad record raises ``BadRecord(reason)``; the transform wrappers in
-``transforms`` turn it into a ``SkippedRecord`` that flows on untouched. Before batching,
-``DropSkippedIterDataset`` removes skipped records and attaches to the next good example how many
-were dropped since the previous one, per reason. The counts thus travel inside batches, through
-grain worker processes, to ``SkipCountingIterator`` in the training process, which keeps the
-running totals (part of its checkpointable state) and stops the run when too many are skipped.
+``transforms`` turn it into a ``SkippedRecord`` that flows on untouched. The training stream
+(``stream.ExampleAt``) replaces it by another record and attaches to the example it delivers how
+many bad records it met, per reason (``SKIPPED_KEY``). The counts thus travel inside batches,
+through grain worker processes, to ``SkipCountingIterator`` in the training process, which keeps
+the running totals (part of its checkpointable state) and stops the run when too many are bad.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 # Index of each reason in the per-example count vectors; conversion uses the same names.
-SKIP_REASONS = ("undecodable_image", "image_too_small", "empty_caption")
+SKIP_REASONS = ("undecodable_image", "image_too_small", "empty_caption", "image_too_large")
 SKIPPED_KEY = "skipped"  # per-example counts, shape (len(SKIP_REASONS),)
 
 
@@ -40,48 +41,6 @@ class SkippedRecord:
 
 class TooManySkippedError(RuntimeError):
     """More than ``max_skipped_fraction`` of the records read were bad."""
-
-
-class DropSkippedIterDataset(grain.IterDataset):
-    """Drops ``SkippedRecord``s; each kept example gets ``SKIPPED_KEY``: the counts dropped
-    right before it. Stateless between examples, so its state is its parent's."""
-
-    def __init__(self, parent: grain.IterDataset, *, max_consecutive: int = 10_000):
-        super().__init__(parent)
-        self._max_consecutive = max_consecutive
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _DropSkippedIterator(self._parent.__iter__(), self._max_consecutive)
-
-    def __str__(self) -> str:
-        return "DropSkippedIterDataset"
-
-
-class _DropSkippedIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
-        super().__init__(parent)
-        self._max_consecutive = max_consecutive
-
-    def __next__(self) -> dict[str, Any]:
-        counts = np.zeros((len(SKIP_REASONS),), np.int32)
-        while True:
-            element = next(self._parent)
-            if not isinstance(element, SkippedRecord):
-                return {**element, SKIPPED_KEY: counts}
-            counts[SKIP_REASONS.index(element.reason)] += 1
-            if counts.sum() >= self._max_consecutive:
-                raise TooManySkippedError(
-                    f"{counts.sum()} records in a row were bad "
-                    f"({dict(zip(SKIP_REASONS, counts.tolist(), strict=True))}); the dataset "
-                    "looks broken. Re-run the converter (python -m sycoca_jax.data.prepare) or "
-                    "check config.data.min_image_size."
-                )
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
 
 
 @dataclasses.dataclass
@@ -162,10 +121,40 @@ class SkipCountingIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["pipeline"])
+        pipeline = state["pipeline"]
+        legacy = getattr(self._parent, "legacy_state", None)
+        if legacy is not None and "position" not in pipeline:  # saved before global positions
+            pipeline = legacy(int(state["examples"]))
+        self._parent.set_state(pipeline)
         skipped = dict.fromkeys(SKIP_REASONS, 0)
         skipped.update({k: int(v) for k, v in state["skipped"].items()})
         self.stats = SkipStats(examples=int(state["examples"]), skipped=skipped)
+
+    def resume_state(
+        self, saved: Sequence[dict[str, Any]], process_index: int, process_count: int
+    ) -> dict[str, Any]:
+        """This process's state from the states ``saved`` by another number of processes: the
+        stream position they share, and the skip totals of the saved processes ``i`` with
+        ``i % process_count == process_index`` (totals over all processes are kept)."""
+        positions = {
+            s["pipeline"]["position"] if "position" in s["pipeline"] else None for s in saved
+        }
+        if None in positions:  # saved before positions were global: each process's examples
+            positions = {sum(int(s["examples"]) for s in saved)}
+        if len(positions) != 1:
+            raise ValueError(
+                f"the saved processes stopped at different data positions {sorted(positions)}; "
+                "the checkpoint is inconsistent"
+            )
+        mine = saved[process_index::process_count]
+        skipped = {
+            reason: sum(int(s["skipped"].get(reason, 0)) for s in mine) for reason in SKIP_REASONS
+        }
+        return {
+            "pipeline": {"position": positions.pop()},
+            "examples": sum(int(s["examples"]) for s in mine),
+            "skipped": skipped,
+        }
 
     def __str__(self) -> str:
         return f"SkipCountingIterator(max_skipped_fraction={self._max_fraction})"

@@ -7,7 +7,7 @@ pretraining:
 * ``classification_train_dataset``: ``image`` (augmented as in pretraining), ``label``;
 * ``vqa_train_dataset``: ``image``, and per image its first ``max_questions`` questions:
   ``tokens`` (b, Q, L+1), ``question_mask``, ``answer_ids`` / ``answer_scores`` (b, Q, A)
-  (``transforms.VQAQuestions``), optionally ``qa_tokens``;
+  (``vqa_transforms.VQAQuestions``), optionally ``qa_tokens``;
 * ``vqa_eval_dataset``: the same without augmentation, every record kept, the last batch padded
   and ``mask`` (b,) marking real images (``pipeline.eval_dataset``'s convention).
 
@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from sycoca_jax.data import pipeline, sources, transforms, vqa_answers
+from sycoca_jax.data import pipeline, sources, transforms, vqa_answers, vqa_transforms
 from sycoca_jax.data.tokenizer import Tokenizer
 
 
@@ -57,7 +57,7 @@ def vqa_train_dataset(
 ) -> grain.IterDataset:
     """Training batches of images with their questions and answer targets (module docstring);
     ``options`` as in ``pipeline.augmented_batches``."""
-    step = transforms.VQAQuestions(
+    step = vqa_transforms.VQAQuestions(
         spec,
         tokenizer,
         max_text_len,
@@ -91,13 +91,13 @@ def vqa_eval_dataset(
     batch_size = pipeline.per_process_batch_size(global_batch_size, count)
     steps = [
         transforms.EvalImage(spec, image_size, min_image_size),
-        transforms.VQAQuestions(
+        vqa_transforms.VQAQuestions(
             spec, tokenizer, max_text_len, max_questions, vocab.index(), max_answers, accuracy
         ),
         transforms.SelectKeys(("image", *_vqa_keys(False))),
     ]
     placeholder = {
-        "image": np.zeros((image_size, image_size, 3), np.float32),
+        "image": np.zeros((image_size, image_size, 3), np.uint8),
         "tokens": np.zeros((max_questions, max_text_len + 1), np.int32),
         "question_mask": np.zeros((max_questions,), bool),
         "answer_ids": np.full((max_questions, max_answers), -1, np.int32),

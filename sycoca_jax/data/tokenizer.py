@@ -32,10 +32,13 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sentencepiece as spm
 from etils import epath
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 PAD_ID = 0
 BOS_ID = 1
@@ -57,6 +60,8 @@ class Tokenizer:
         self._load()
 
     def _load(self) -> None:
+        import sentencepiece as spm  # where used: a bare accelerator host has none
+
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self._to_ours, self._to_theirs = _id_maps(self._sp, self.name)
 
@@ -188,6 +193,8 @@ def train_tokenizer(
     corpus = sorted(s.strip() for s in sentences if s and s.strip())
     if not corpus:
         raise ValueError("no non-empty sentences to train a tokenizer on")
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),

@@ -4,128 +4,29 @@ Records flow as dicts: the raw TFDS record, with each transform adding its outpu
 replaces the encoded image, ``tokens``, ``label``, ...) and ``SelectKeys`` keeping only the
 outputs at the end. A transform raises ``BadRecord(reason)`` on a record it cannot use; the base
 classes turn it into a ``SkippedRecord`` that later transforms pass through untouched, so the
-pipeline decides once what to do with it (drop and count when training, mask when evaluating).
+pipeline decides once what to do with it (replace and count when training, mask when evaluating).
 
-New tasks (e.g. VQA question/answer tokens) are one more small transform of this kind.
+Task-specific steps are small transforms of this kind in their own modules (``vqa_transforms``).
 """
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
-from sycoca_jax.data import vqa_answers
+from sycoca_jax.data import images
 from sycoca_jax.data.skipping import BadRecord, SkippedRecord
 from sycoca_jax.data.sources import DatasetSpec
 from sycoca_jax.data.tokenizer import Tokenizer
-
-# CLIP's normalisation, applied to [0, 1] pixels.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
 
 Record = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
-# Image helpers (plain functions, tested on their own).
-
-
-def open_image(data: bytes | np.ndarray, min_image_size: int = 1) -> Image.Image:
-    """Opens encoded bytes (header only: decoding waits for the crop) or a decoded array.
-
-    Raises ``BadRecord`` for bytes PIL cannot identify and for images smaller than
-    ``min_image_size`` on their short side.
-    """
-    if isinstance(data, np.ndarray):
-        array = data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data
-        image = Image.fromarray(np.ascontiguousarray(array))
-    else:
-        try:
-            image = Image.open(io.BytesIO(bytes(data)))
-        except Exception as e:  # PIL raises several types for unreadable data
-            raise BadRecord("undecodable_image", str(e)) from e
-    if min(image.size) < min_image_size:
-        raise BadRecord("image_too_small", f"{image.size} < {min_image_size}")
-    return image
-
-
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float],
-    ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
-) -> tuple[int, int, int, int]:
-    """Inception-style crop ``(left, top, right, bottom)``: area fraction in ``scale``, aspect
-    ratio (log-uniform) in ``ratio``; falls back to the largest centred crop within ``ratio``."""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    if scale[0] < 1.0:
-        for _ in range(10):
-            target = area * rng.uniform(scale[0], scale[1])
-            aspect = math.exp(rng.uniform(log_lo, log_hi))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                left = int(rng.integers(0, width - w + 1))
-                top = int(rng.integers(0, height - h + 1))
-                return left, top, left + w, top + h
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The centred square of side ``min(width, height)``: resize-shorter-side + centre crop."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
-def crop_and_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """Decodes ``image`` (JPEGs at a reduced scale when the crop is at least twice ``size``),
-    crops ``box`` and resizes it (bicubic) to ``size`` x ``size``; uint8 RGB.
-
-    Raises ``BadRecord`` when the pixel data cannot be decoded (e.g. a truncated file).
-    """
-    left, top, right, bottom = box
-    try:
-        if image.format == "JPEG":
-            full_w, full_h = image.size
-            need_w = math.ceil(full_w * size / max(right - left, 1))
-            need_h = math.ceil(full_h * size / max(bottom - top, 1))
-            if need_w * 2 <= full_w and need_h * 2 <= full_h:
-                image.draft("RGB", (need_w, need_h))
-                fx, fy = image.size[0] / full_w, image.size[1] / full_h
-                left, right, top, bottom = left * fx, right * fx, top * fy, bottom * fy
-        if image.mode == "P":  # palette images may carry transparency
-            image = image.convert("RGBA")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        resized = image.resize(
-            (size, size), Image.Resampling.BICUBIC, box=(left, top, right, bottom)
-        )
-    except Exception as e:  # truncated or corrupt pixel data
-        raise BadRecord("undecodable_image", str(e)) from e
-    return np.asarray(resized, dtype=np.uint8)
-
-
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32, CLIP mean/std on [0, 1] pixels."""
-    return (pixels.astype(np.float32) * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
+# Plain functions (tested on their own); decoding and cropping live in ``images``.
 
 
 def non_empty(captions: Sequence[str]) -> list[str]:
@@ -169,7 +70,8 @@ class RecordRandomMap(grain.transforms.RandomMap):
 
 
 class TrainImage(RecordRandomMap):
-    """Decode, random-resized-crop, resize to ``image_size``, normalise."""
+    """Decode, random-resized-crop, resize to ``image_size``; uint8 pixels (the model normalises
+    them on device: ``sycoca_jax.models.pixels``)."""
 
     def __init__(
         self,
@@ -185,26 +87,27 @@ class TrainImage(RecordRandomMap):
         self.min_image_size = min_image_size
 
     def apply(self, record: Record, rng: np.random.Generator) -> Record:
-        image = open_image(record[self.spec.image_key], self.min_image_size)
-        box = random_resized_crop_box(*image.size, rng, self.crop_scale)
-        pixels = crop_and_resize(image, box, self.image_size)
-        return {**record, "image": normalize(pixels)}
+        image = images.open_image(record[self.spec.image_key], self.min_image_size)
+        box = images.random_resized_crop_box(*image.size, rng, self.crop_scale)
+        pixels = images.crop_and_resize(image, box, self.image_size)
+        return {**record, "image": pixels}
 
 
 class EvalImage(RecordMap):
-    """Decode, resize the shorter side to ``image_size`` and centre crop, normalise."""
+    """Decode, resize the shorter side to ``image_size`` and centre crop; uint8 pixels."""
 
     def __init__(self, spec: DatasetSpec, image_size: int, min_image_size: int = 1):
         self.spec, self.image_size, self.min_image_size = spec, image_size, min_image_size
 
     def apply(self, record: Record) -> Record:
-        image = open_image(record[self.spec.image_key], self.min_image_size)
-        pixels = crop_and_resize(image, centre_crop_box(*image.size), self.image_size)
-        return {**record, "image": normalize(pixels)}
+        image = images.open_image(record[self.spec.image_key], self.min_image_size)
+        pixels = images.crop_and_resize(image, images.centre_crop_box(*image.size), self.image_size)
+        return {**record, "image": pixels}
 
 
 class SampleCaption(RecordRandomMap):
-    """One non-empty caption, drawn anew for every epoch (the rng is per index and epoch)."""
+    """One non-empty caption, drawn anew for every epoch (the stream seeds the rng with the
+    record and the epoch)."""
 
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
@@ -321,55 +224,3 @@ class SplitIndex(grain.transforms.MapWithIndex):
 
     def map_with_index(self, index: int, element: Record) -> Record:
         return {**element, "index": np.int32(self.process_index + self.process_count * index)}
-
-
-class VQAQuestions(RecordMap):
-    """A VQA record's first ``max_questions`` questions -> ``tokens`` ``(Q, max_text_len + 1)``,
-    ``question_mask`` ``(Q,)`` (False for rows of pad when an image has fewer questions), and per
-    question its distinct human answers as ``answer_ids`` ``(Q, A)`` (answer-vocabulary index, -1
-    outside it or padding) with their accuracies ``answer_scores`` ``(Q, A)``
-    (``vqa_answers.answer_scores``). With ``qa_tokens``, also ``qa_tokens`` ``(Q, L + 1)``: each
-    question followed by its best answer, for co-training the captioning loss.
-
-    A record without questions is bad (counted as ``empty_caption``: it has no text to train on).
-    """
-
-    def __init__(
-        self,
-        spec: DatasetSpec,
-        tokenizer: Tokenizer,
-        max_text_len: int,
-        max_questions: int,
-        vocab_index: dict[str, int],
-        max_answers: int,
-        accuracy: str = "vqav2",
-        qa_tokens: bool = False,
-    ):
-        self.spec, self.tokenizer, self.max_text_len = spec, tokenizer, max_text_len
-        self.max_questions, self.max_answers = max_questions, max_answers
-        self.vocab_index, self.accuracy, self.qa_tokens = dict(vocab_index), accuracy, qa_tokens
-
-    def apply(self, record: Record) -> Record:
-        pairs = [(q, a) for q, a in self.spec.questions_and_answers(record) if q.strip()]
-        pairs = pairs[: self.max_questions]
-        if not pairs:
-            raise BadRecord("empty_caption", "no question")
-        q, a, length = self.max_questions, self.max_answers, self.max_text_len + 1
-        out = {
-            "tokens": np.zeros((q, length), np.int32),
-            "question_mask": np.arange(q) < len(pairs),
-            "answer_ids": np.full((q, a), -1, np.int32),
-            "answer_scores": np.zeros((q, a), np.float32),
-        }
-        if self.qa_tokens:
-            out["qa_tokens"] = np.zeros((q, length), np.int32)
-        for i, (question, answers) in enumerate(pairs):
-            out["tokens"][i] = self.tokenizer.tokenize(question, self.max_text_len)
-            ids, scores, best = vqa_answers.answer_targets(
-                answers, self.vocab_index, a, self.accuracy
-            )
-            out["answer_ids"][i], out["answer_scores"][i] = ids, scores
-            if self.qa_tokens:
-                text = f"{question} {best}".strip()
-                out["qa_tokens"][i] = self.tokenizer.tokenize(text, self.max_text_len)
-        return {**record, **out}

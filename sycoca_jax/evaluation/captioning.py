@@ -1,11 +1,10 @@
 """Captioning evaluation: caption a split's images with the KV-cached decoder and score the
 captions against the references (BLEU-1..4, CIDEr-D, METEOR and SPICE where they can run).
 
-``eval_config`` fields (one ``config.evals`` entry of kind ``captioning``; a missing field takes
-its value from ``DEFAULTS``):
+``Settings`` (one ``config.evals`` entry of kind ``captioning``):
 
-- ``dataset``, ``split``, ``batch_size`` (global), ``num_examples`` (-1 = the whole split): as
-  for every evaluator.
+- the fields of every evaluator (``settings.EvalSettings``: ``dataset``, ``split``, ``batch_size``
+  (global), ``num_examples`` (-1 = the whole split), ...).
 - ``decode``: ``greedy`` | ``beam`` | ``sample``.
 - ``num_beams``, ``length_penalty``, ``early_stopping``: beam search (``score = log_prob /
   length ** penalty``; ``early_stopping`` True stops an image at ``num_beams`` finished captions,
@@ -18,6 +17,7 @@ its value from ``DEFAULTS``):
 - ``metrics``: a subset of ``caption_metrics.METRICS``; ``tokenizer``: ``auto`` (PTBTokenizer
   when Java is present, else the Python rendition) | ``ptb`` | ``python``.
 
+The model is reached through its ``caption`` predict function (``predict.Predictors``).
 Captions are detokenised with the run's tokenizer (``config.data.tokenizer``, else the training
 dataset's bundled one): the model's vocabulary is the one it was trained with, whatever dataset
 is evaluated.
@@ -25,89 +25,85 @@ is evaluated.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from sycoca_jax import decoding
-from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation import caption_metrics, common
-from sycoca_jax.models.sycoca import SyCoCa
-
-DEFAULTS: dict[str, Any] = dict(
-    decode="beam",
-    num_beams=3,
-    length_penalty=0.6,
-    early_stopping=True,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    seed=0,
-    max_len=None,
-    min_len=0,
-    num_examples=-1,
-    print_examples=5,
-    metrics=caption_metrics.METRICS,
-    tokenizer="auto",
-)
+from sycoca_jax.evaluation.settings import EvalSettings
 
 
-def settings(eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The evaluator's fields of ``eval_config``, defaults filled in."""
-    out = dict(DEFAULTS)
-    for key in DEFAULTS:
-        value = eval_config.get(key, None)
-        if value is not None:
-            out[key] = value
-    out["metrics"] = tuple(out["metrics"])
-    return out
+@dataclasses.dataclass(frozen=True)
+class Settings(EvalSettings):
+    """A ``captioning`` entry (module docstring)."""
+
+    decode: str = "beam"  # greedy | beam | sample
+    num_beams: int = 3
+    length_penalty: float = 0.6
+    early_stopping: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+    max_len: int | None = None  # None: model.max_text_len
+    min_len: int = 0
+    print_examples: int = 5
+    metrics: tuple[str, ...] = caption_metrics.METRICS
+    tokenizer: str = "auto"  # auto | ptb | python
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decode not in decoding.METHODS:
+            raise ValueError(f"decode={self.decode!r}; choose from {decoding.METHODS}")
+        unknown = sorted(set(self.metrics) - set(caption_metrics.METRICS))
+        if unknown:
+            raise ValueError(f"metrics {unknown} unknown; known {caption_metrics.METRICS}")
+        if self.tokenizer not in caption_metrics.TOKENIZERS:
+            raise ValueError(
+                f"tokenizer={self.tokenizer!r}; choose from {caption_metrics.TOKENIZERS}"
+            )
+        if self.num_beams < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                "captioning needs num_beams >= 1, temperature > 0 and 0 < top_p <= 1; got "
+                f"{self.num_beams}, {self.temperature}, {self.top_p}"
+            )
+        if self.top_k < 0 or self.min_len < 0 or (self.max_len is not None and self.max_len < 1):
+            raise ValueError(
+                "captioning needs top_k >= 0, min_len >= 0 and max_len >= 1 (or None); got "
+                f"{self.top_k}, {self.min_len}, {self.max_len}"
+            )
 
 
-def check(eval_config: ml_collections.ConfigDict) -> None:
-    """Fails on bad fields before anything is compiled (the registry calls this)."""
-    s = settings(eval_config)
-    if s["decode"] not in decoding.METHODS:
-        raise ValueError(f"captioning decode={s['decode']!r}; choose from {decoding.METHODS}")
-    unknown = sorted(set(s["metrics"]) - set(caption_metrics.METRICS))
-    if unknown:
-        raise ValueError(f"captioning metrics {unknown} unknown; known {caption_metrics.METRICS}")
-    if s["tokenizer"] not in caption_metrics.TOKENIZERS:
-        raise ValueError(
-            f"captioning tokenizer={s['tokenizer']!r}; choose from {caption_metrics.TOKENIZERS}"
-        )
-    if s["num_beams"] < 1 or s["temperature"] <= 0 or not 0 < s["top_p"] <= 1 or s["top_k"] < 0:
-        raise ValueError(
-            "captioning needs num_beams >= 1, temperature > 0, 0 < top_p <= 1 and top_k >= 0; "
-            f"got {s['num_beams']}, {s['temperature']}, {s['top_p']}, {s['top_k']}"
-        )
+NEEDS = ("caption",)
 
 
-def _decode_kwargs(s: dict[str, Any], max_text_len: int) -> dict[str, Any]:
-    max_len = max_text_len if s["max_len"] is None else int(s["max_len"])
+def decode_settings(settings: Settings, max_text_len: int, num_tokens: int) -> tuple:
+    """The ``decoding.generate`` keywords of ``settings`` as a sorted (hashable) tuple."""
+    max_len = max_text_len if settings.max_len is None else settings.max_len
     if max_len > max_text_len:
         raise ValueError(
             f"captioning max_len={max_len} exceeds model.max_text_len={max_text_len}; lower it"
         )
-    kwargs = dict(method=s["decode"], max_len=max_len, min_len=int(s["min_len"]))
-    if s["decode"] == "beam":
+    kwargs: dict[str, Any] = dict(
+        method=settings.decode, max_len=max_len, min_len=settings.min_len, num_tokens=num_tokens
+    )
+    if settings.decode == "beam":
         kwargs.update(
-            num_beams=int(s["num_beams"]),
-            length_penalty=float(s["length_penalty"]),
-            early_stopping=bool(s["early_stopping"]),
+            num_beams=settings.num_beams,
+            length_penalty=settings.length_penalty,
+            early_stopping=settings.early_stopping,
         )
-    if s["decode"] == "sample":
-        kwargs.update(
-            temperature=float(s["temperature"]), top_k=int(s["top_k"]), top_p=float(s["top_p"])
-        )
-    return kwargs
+    if settings.decode == "sample":
+        kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    return tuple(sorted(kwargs.items()))
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -135,105 +131,114 @@ def _all_processes(items: list) -> list:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _caption(
-    model: SyCoCa,
-    params: Any,
-    settings: tuple[tuple[str, Any], ...],
-    images: jax.Array,
-    rng: jax.Array,
-) -> jax.Array:
-    """Caption tokens of a batch; ``settings`` (sorted decode kwargs) are static."""
-    kwargs = dict(settings)
-    rng = rng if kwargs["method"] == "sample" else None
-    return decoding.caption_images(model, params, images, rng=rng, **kwargs).tokens
+class Captioned(NamedTuple):
+    """Captions of a split's real rows in dataset order, with what goes with them."""
+
+    predictions: list[str]
+    references: list[list[str]]
+    flags: dict[str, np.ndarray]  # the ``common.SUBSETS`` flags the records have, (n,) bool
+    rate: float | None  # captions/s after the first (compiling) batch; None with one batch
 
 
-def caption_split(
-    context: common.EvalContext, eval_config: ml_collections.ConfigDict
-) -> tuple[list[str], list[list[str]], float | None]:
-    """(predicted captions, their references, captions/s of the decoder after the first,
-    compiling, batch (None with one batch)) over the real rows of the split, in dataset order."""
-    model = context.model
-    if not model.use_captioning:
-        raise ValueError(
-            "captioning evaluation needs a model with a captioning head (model.use_captioning="
-            "True); the clip objective has none: drop this entry from config.evals"
-        )
-    s = settings(eval_config)
-    kwargs = _decode_kwargs(s, model.max_text_len)
-    tokenizer = load_tokenizer(context.config.data.tokenizer, context.config.data.name)
-    if tokenizer.vocab_size > model.vocab_size:
+def caption_split(context: common.EvalContext, settings: Settings) -> Captioned:
+    """Captions every real row of the split (up to ``num_examples``), gathered from every
+    process back into dataset order."""
+    config = context.config
+    from sycoca_jax.data.tokenizer import load_tokenizer  # where used (configs import this)
+
+    tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
+    if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model.vocab_size is "
-            f"{model.vocab_size}: the model was not trained with this tokenizer"
+            f"{config.model.vocab_size}: the model was not trained with this tokenizer"
         )
-    kwargs["num_tokens"] = tokenizer.vocab_size  # ids past it (vocabulary padding) cannot decode
-
-    static = tuple(sorted(kwargs.items()))
-    seed = jax.random.key(int(s["seed"]))
-    limit = int(s["num_examples"])
-    max_batches = math.ceil(limit / eval_config.batch_size) if limit > 0 else None
-    # (index in the split, caption, references), sorted by that index once every process's are
-    # gathered: the captions in dataset order, whatever the process layout.
-    indexed: list[tuple[int, str, list[str]]] = []
+    # Ids past the tokenizer's (vocabulary padding) cannot be decoded: never generate them.
+    static = decode_settings(settings, config.model.max_text_len, tokenizer.vocab_size)
+    seed = jax.random.key(settings.seed)
+    limit = settings.num_examples
+    max_batches = math.ceil(limit / settings.batch_size) if limit > 0 else None
+    # (index in the split, caption, references, subset flags), sorted by that index once every
+    # process's are gathered: the captions in dataset order, whatever the process layout.
+    indexed: list[tuple[int, str, list[str], dict[str, bool]]] = []
     timed_rows, timed_seconds = 0, 0.0
-    for index, host_batch in enumerate(common.batches(context, eval_config, "captioning")):
-        if max_batches is not None and index >= max_batches:
-            break
-        references = host_batch.pop("captions")
-        images = common.to_device(host_batch, context.mesh, ["image"])["image"]
-        start = time.perf_counter()
-        tokens = context.call(_caption, static, images, jax.random.fold_in(seed, index))
-        local = _local_rows(tokens)
-        if index:  # the first batch includes compiling
-            timed_rows += images.shape[0]
-            timed_seconds += time.perf_counter() - start
-        for row in np.flatnonzero(host_batch["mask"]):
-            valid = host_batch["caption_mask"][row]
-            refs = [str(r) for r, ok in zip(references[row], valid, strict=True) if ok]
-            split_index = int(host_batch["index"][row])
-            indexed.append((split_index, tokenizer.decode(local[row]), refs))
+    with context.placement.context():
+        for index, host_batch in enumerate(common.batches(context, settings, "captioning")):
+            if max_batches is not None and index >= max_batches:
+                break
+            references = host_batch.pop("captions")
+            images = common.to_device(host_batch, context.placement, ["image"])["image"]
+            start = time.perf_counter()
+            rng = jax.random.fold_in(seed, index)
+            local = _local_rows(context.predictors.caption(context.params, images, rng, static))
+            if index:  # the first batch includes compiling
+                timed_rows += images.shape[0]
+                timed_seconds += time.perf_counter() - start
+            present = [flag for flag in common.SUBSETS if flag in host_batch]
+            for row in np.flatnonzero(host_batch["mask"]):
+                valid = host_batch["caption_mask"][row]
+                refs = [str(r) for r, ok in zip(references[row], valid, strict=True) if ok]
+                flags = {flag: bool(host_batch[flag][row]) for flag in present}
+                split_index = int(host_batch["index"][row])
+                indexed.append((split_index, tokenizer.decode(local[row]), refs, flags))
     in_order = sorted(_all_processes(indexed), key=lambda item: item[0])
-    pairs = [(caption, refs) for _, caption, refs in in_order]
     if limit > 0:
-        pairs = pairs[:limit]
-    if not pairs:
-        raise ValueError(f"captioning on {eval_config.dataset}[{eval_config.split}]: no examples")
-    rate = timed_rows / timed_seconds if timed_seconds else None
-    return [p for p, _ in pairs], [list(r) for _, r in pairs], rate
+        in_order = in_order[:limit]
+    if not in_order:
+        raise ValueError(f"captioning on {settings.dataset}[{settings.split}]: no examples")
+    flags = {
+        flag: np.asarray([item[3][flag] for item in in_order], bool) for flag in in_order[0][3]
+    }
+    return Captioned(
+        [item[1] for item in in_order],
+        [list(item[2]) for item in in_order],
+        flags,
+        timed_rows / timed_seconds if timed_seconds else None,
+    )
 
 
-def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
+def run(context: common.EvalContext, settings: Settings) -> dict[str, Any]:
     """Metrics (floats; ``"unavailable: ..."`` strings for metrics that cannot run), their chance
     levels (``chance_bleu_4``, ``chance_cider``: each caption against the next image's
     references), ``decode``, ``tokenizer``, ``num_images``, ``captions_per_sec`` (given more than
-    one batch) and ``examples`` (a list of dicts)."""
-    s = settings(eval_config)
-    predictions, references, rate = caption_split(context, eval_config)
-    metrics: dict[str, Any] = caption_metrics.score_captions(
-        predictions, references, metrics=s["metrics"], tokenizer=s["tokenizer"]
-    )
+    one batch), ``examples`` (a list of dicts), and the metrics of each subset
+    (``common.SUBSETS``) the records mark, scored on that subset alone."""
+    captioned = caption_split(context, settings)
+    predictions, references = captioned.predictions, captioned.references
+
+    def score(rows: np.ndarray | None = None, metrics: tuple[str, ...] = settings.metrics):
+        chosen = range(len(predictions)) if rows is None else np.flatnonzero(rows)
+        return caption_metrics.score_captions(
+            [predictions[i] for i in chosen],
+            [references[i] for i in chosen],
+            metrics=metrics,
+            tokenizer=settings.tokenizer,
+        )
+
+    out: dict[str, Any] = score()
     if len(predictions) > 1:
         # Chance level: the same captions scored against another image's references.
         shifted = references[1:] + references[:1]
         chance = caption_metrics.score_captions(
-            predictions, shifted, metrics=("bleu", "cider"), tokenizer=s["tokenizer"]
+            predictions, shifted, metrics=("bleu", "cider"), tokenizer=settings.tokenizer
         )
-        metrics["chance_bleu_4"], metrics["chance_cider"] = chance["bleu_4"], chance["cider"]
+        out["chance_bleu_4"], out["chance_cider"] = chance["bleu_4"], chance["cider"]
+    for subset, rows in common.subset_rows(captioned.flags).items():
+        part = score(rows)
+        part.pop("tokenizer")
+        out.update(common.prefixed(subset, part))
     examples = [
         {"prediction": p, "references": r}
-        for p, r in zip(predictions[: max(s["print_examples"], 0)], references, strict=False)
+        for p, r in zip(predictions[: max(settings.print_examples, 0)], references, strict=False)
     ]
     for i, example in enumerate(examples):
         logging.info(
             "caption %d: %r  (reference: %r)", i, example["prediction"], example["references"][0]
         )
-    for key, value in metrics.items():
+    for key, value in out.items():
         if isinstance(value, str) and value.startswith(caption_metrics.UNAVAILABLE):
             logging.info("caption metric %s %s", key, value)
-    metrics["decode"] = s["decode"]
-    if rate is not None:
-        metrics["captions_per_sec"] = rate
-    metrics["examples"] = examples
-    return metrics
+    out["decode"] = settings.decode
+    if captioned.rate is not None:
+        out["captions_per_sec"] = captioned.rate
+    out["examples"] = examples
+    return out

@@ -2,20 +2,22 @@
 (``sycoca_jax.evaluation.mechanism`` reports each one's AUROC).
 
 ``CHEAP`` scores come from the same patch/token similarities as ``max_sim``; ``COSTLY`` ones
-need more passes through the model.
+need more passes through the model (its predict functions).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sycoca_jax.evaluation.predict import Predictors
+from sycoca_jax.models import pixels
 from sycoca_jax.models.layers import l2_normalize
-from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.models.vit import patchify
 
 # Scores that cost more than one forward (the mechanism entry's ``probes`` switches them on):
@@ -26,52 +28,92 @@ from sycoca_jax.models.vit import patchify
 COSTLY = ("contrast", "gradient", "occlusion")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
 def costly(
-    model: SyCoCa, params: Any, probes: tuple[str, ...], images: jax.Array, tokens: jax.Array
+    predictors: Predictors,
+    params: Any,
+    probes: tuple[str, ...],
+    images: jax.Array,
+    tokens: jax.Array,
+    patch_size: int,
 ) -> dict[str, jax.Array]:
-    """``COSTLY`` scores (B, N) of the patches for their own captions."""
-    variables = {"params": params}
+    """``COSTLY`` scores (B, N) of the patches (``patch_size`` pixels square) for their own
+    captions, through the predict functions (``mechanism.PROBE_NEEDS``)."""
     out: dict[str, jax.Array] = {}
-    text = model.apply(variables, tokens, method=model.encode_text)["embedding"]
     if "contrast" in probes:
-        inputs = model.apply(variables, images, tokens, method=model.relevance_inputs)
-        patches = l2_normalize(inputs["patch_embeddings"])
-        words = l2_normalize(inputs["token_embeddings"])
-        valid = inputs["token_valid"]
-
-        def to_caption(args):  # every image's patches against one caption: (B, N)
-            caption, caption_valid = args
-            sim = jnp.einsum("bne,te->bnt", patches, caption)
-            return jnp.max(jnp.where(caption_valid, sim, -jnp.inf), axis=-1)
-
-        real = valid.any(-1)  # placeholder rows have no tokens
-        sims = jax.lax.map(to_caption, (words, valid))  # (C, B, N)
-        sims = jnp.where(real[:, None, None], sims, 0.0)
-        own = jnp.diagonal(sims, axis1=0, axis2=1).T  # caption b against image b
-        others = (sims.sum(0) - own) / jnp.maximum(real.sum() - real, 1)[:, None]
-        out["contrast"] = own - others
+        out["contrast"] = _contrast(predictors.relevance_inputs(params, images, tokens))
+    if "gradient" in probes or "occlusion" in probes:
+        text = predictors.encode_texts(params, tokens)
     if "gradient" in probes:
-
-        def similarity(x):
-            embedding = model.apply(variables, x, method=model.image_embedding)
-            return jnp.sum(embedding * text)
-
-        grad = jax.grad(similarity)(images)
-        out["gradient"] = patchify(grad * images, model.patch_size).sum(-1)
+        out["gradient"] = _gradient(predictors.encode_images, patch_size, params, images, text)
     if "occlusion" in probes:
-        n = model.num_patches
-        full = jnp.sum(model.apply(variables, images, method=model.image_embedding) * text, -1)
-        # Row i lists every patch but i.
-        rest = jnp.stack([jnp.concatenate([jnp.arange(i), jnp.arange(i + 1, n)]) for i in range(n)])
-
-        def without(indices):
-            kept = jnp.broadcast_to(indices, (images.shape[0], n - 1))
-            embedding = model.apply(variables, images, kept, method=model.image_embedding)
-            return full - jnp.sum(embedding * text, -1)
-
-        out["occlusion"] = jax.lax.map(without, rest).T
+        out["occlusion"] = _occlusion(
+            predictors.encode_images,
+            predictors.encode_image_patches,
+            patch_size,
+            params,
+            images,
+            text,
+        )
     return out
+
+
+@jax.jit
+def _contrast(inputs: dict[str, jax.Array]) -> jax.Array:
+    """max_sim minus the patch's mean max_sim to the batch's other captions."""
+    patches = l2_normalize(inputs["patch_embeddings"])
+    words = l2_normalize(inputs["token_embeddings"])
+    valid = inputs["token_valid"]
+
+    def to_caption(args):  # every image's patches against one caption: (B, N)
+        caption, caption_valid = args
+        sim = jnp.einsum("bne,te->bnt", patches, caption)
+        return jnp.max(jnp.where(caption_valid, sim, -jnp.inf), axis=-1)
+
+    real = valid.any(-1)  # placeholder rows have no tokens
+    sims = jax.lax.map(to_caption, (words, valid))  # (C, B, N)
+    sims = jnp.where(real[:, None, None], sims, 0.0)
+    own = jnp.diagonal(sims, axis1=0, axis2=1).T  # caption b against image b
+    others = (sims.sum(0) - own) / jnp.maximum(real.sum() - real, 1)[:, None]
+    return own - others
+
+
+# The predict functions are static arguments: compiled once per evaluation (for_model builds
+# new ones each time), reused over its batches.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gradient(
+    encode_images: Callable, patch_size: int, params: Any, images: jax.Array, text: jax.Array
+) -> jax.Array:
+    """Gradient x input of the image-caption similarity in the model's normalised pixel space,
+    summed per patch."""
+    normalised = pixels.normalize(images)  # the model leaves normalised floats as they are
+
+    def similarity(x):
+        return jnp.sum(encode_images(params, x) * text)
+
+    grad = jax.grad(similarity)(normalised)
+    return patchify(grad * normalised, patch_size).sum(-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _occlusion(
+    encode_images: Callable,
+    encode_image_patches: Callable,
+    patch_size: int,
+    params: Any,
+    images: jax.Array,
+    text: jax.Array,
+) -> jax.Array:
+    """How much the image-caption similarity drops without each patch (one pass per patch)."""
+    n = (images.shape[1] // patch_size) * (images.shape[2] // patch_size)
+    full = jnp.sum(encode_images(params, images) * text, -1)
+    # Row i lists every patch but i.
+    rest = jnp.stack([jnp.concatenate([jnp.arange(i), jnp.arange(i + 1, n)]) for i in range(n)])
+
+    def without(indices):
+        kept = jnp.broadcast_to(indices, (images.shape[0], n - 1))
+        return full - jnp.sum(encode_image_patches(params, images, kept) * text, -1)
+
+    return jax.lax.map(without, rest).T
 
 
 def masked_max(x: np.ndarray, valid: np.ndarray, axis: int) -> np.ndarray:

@@ -2,21 +2,22 @@
 every caption by cosine similarity of the contrastive embeddings; R@1/5/10 both ways.
 
 Similarities are computed in chunks of images (or captions) on device, so 5k images × 25k
-captions never materialise as one matrix.
+captions never materialise as one matrix. On a subset of the split (``common.SUBSETS``, e.g. the
+compositional test scenes) the subset's images and captions are the queries and the whole split
+stays the gallery, so the subset's numbers compare with the whole split's.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from sycoca_jax.evaluation import common
-from sycoca_jax.models.sycoca import SyCoCa
+from sycoca_jax.evaluation.settings import EvalSettings
 
 KS = (1, 5, 10)
 
@@ -40,42 +41,44 @@ def _text_to_image_ranks(texts: jax.Array, images: jax.Array, text_image: jax.Ar
     return jnp.sum(sim > own, axis=1)
 
 
-def rank_metrics(
+def ranks(
     image_embeddings: np.ndarray,
     text_embeddings: np.ndarray,
     text_image: np.ndarray,
     chunk: int = 1024,
-) -> dict[str, float]:
-    """R@K both ways, their means (SyCoCa's mTR/mIR) and the mean of all six (``rsum / 6``).
-
-    ``text_image[t]`` is the index of caption t's image; ties count in the caption's favour.
-    """
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rank of each image's best own caption (N,), rank of each caption's image (T,)), 0 =
+    best, against the whole gallery; ``text_image[t]`` is the index of caption t's image and
+    ties count in the query's favour."""
     images = jnp.asarray(image_embeddings, jnp.float32)
     texts = jnp.asarray(text_embeddings, jnp.float32)
     owners = np.asarray(text_image, np.int32)
     image_ids = np.arange(len(images), dtype=np.int32)
-    i2t = []
-    for start in range(0, len(images), chunk):
-        i2t.append(
-            np.asarray(
-                _image_to_text_ranks(
-                    images[start : start + chunk],
-                    texts,
-                    jnp.asarray(owners),
-                    image_ids[start : start + chunk],
-                )
+    i2t = [
+        np.asarray(
+            _image_to_text_ranks(
+                images[start : start + chunk],
+                texts,
+                jnp.asarray(owners),
+                image_ids[start : start + chunk],
             )
         )
-    t2i = []
-    for start in range(0, len(texts), chunk):
-        t2i.append(
-            np.asarray(
-                _text_to_image_ranks(
-                    texts[start : start + chunk], images, jnp.asarray(owners[start : start + chunk])
-                )
+        for start in range(0, len(images), chunk)
+    ]
+    t2i = [
+        np.asarray(
+            _text_to_image_ranks(
+                texts[start : start + chunk], images, jnp.asarray(owners[start : start + chunk])
             )
         )
-    i2t_ranks, t2i_ranks = np.concatenate(i2t), np.concatenate(t2i)
+        for start in range(0, len(texts), chunk)
+    ]
+    return np.concatenate(i2t), np.concatenate(t2i)
+
+
+def recall_metrics(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> dict[str, float]:
+    """R@K both ways from ranks, their means (SyCoCa's mTR/mIR) and the mean of all six
+    (``rsum / 6``)."""
     out: dict[str, float] = {}
     for k in KS:
         out[f"image_to_text_r{k}"] = float(np.mean(i2t_ranks < k))
@@ -86,45 +89,71 @@ def rank_metrics(
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(model: SyCoCa, params: Any, images: jax.Array, tokens: jax.Array):
-    """Image embeddings (b, E) and caption embeddings (b, C, E) of a retrieval batch."""
-    b, c, length = tokens.shape
-    image = model.apply({"params": params}, images, method=model.encode_image)["embedding"]
-    text = model.apply({"params": params}, tokens.reshape(b * c, length), method=model.encode_text)
-    return image, text["embedding"].reshape(b, c, -1)
+def rank_metrics(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    text_image: np.ndarray,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """``recall_metrics`` of every image and caption (see ``ranks``)."""
+    return recall_metrics(*ranks(image_embeddings, text_embeddings, text_image, chunk))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(EvalSettings):
+    """A ``retrieval`` entry: the common fields only."""
+
+
+NEEDS = ("encode_images", "encode_texts")
 
 
 def embed_split(
-    context: common.EvalContext, eval_config: ml_collections.ConfigDict
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image embeddings (N, E), caption embeddings (T, E), caption → image index (T,))."""
-    images, texts, owners = [], [], []
-    for host_batch in common.batches(context, eval_config, "retrieval"):
-        keys = ["image", "tokens", "caption_mask", "mask"]
-        batch = common.to_device(host_batch, context.mesh, keys)
-        embedded = context.call(_embed, batch["image"], batch["tokens"])
-        image, text = (common.gather(x) for x in embedded)
-        mask, caption_mask = common.gather(batch["mask"]), common.gather(batch["caption_mask"])
-        for row in np.flatnonzero(mask):
-            valid = np.flatnonzero(caption_mask[row])
-            owners.extend([len(images)] * len(valid))
-            texts.append(text[row, valid])
-            images.append(image[row])
-        if eval_config.num_examples > 0 and len(images) >= eval_config.num_examples:
-            break
+    context: common.EvalContext, settings: Settings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(image embeddings (N, E), caption embeddings (T, E), caption → image index (T,), the
+    images' ``common.SUBSETS`` flags {flag: (N,) bool} where the records have them)."""
+    images, texts, owners, flags = [], [], [], {}
+    predictors, params = context.predictors, context.params
+    with context.placement.context():
+        for host_batch in common.batches(context, settings, "retrieval"):
+            present = [flag for flag in common.SUBSETS if flag in host_batch]
+            keys = ["image", "tokens", "caption_mask", "mask", *present]
+            batch = common.to_device(host_batch, context.placement, keys)
+            b, c, length = batch["tokens"].shape
+            image = common.gather(predictors.encode_images(params, batch["image"]))
+            tokens = batch["tokens"].reshape(b * c, length)
+            text = common.gather(predictors.encode_texts(params, tokens)).reshape(b, c, -1)
+            mask, caption_mask = common.gather(batch["mask"]), common.gather(batch["caption_mask"])
+            batch_flags = {flag: common.gather(batch[flag]) for flag in present}
+            for row in np.flatnonzero(mask):
+                valid = np.flatnonzero(caption_mask[row])
+                owners.extend([len(images)] * len(valid))
+                texts.append(text[row, valid])
+                images.append(image[row])
+                for flag, values in batch_flags.items():
+                    flags.setdefault(flag, []).append(bool(values[row]))
+            if 0 < settings.num_examples <= len(images):
+                break
     if not images:
-        raise ValueError(f"retrieval on {eval_config.dataset}[{eval_config.split}]: no examples")
-    return np.stack(images), np.concatenate(texts), np.asarray(owners, np.int32)
+        raise ValueError(f"retrieval on {settings.dataset}[{settings.split}]: no examples")
+    subset_flags = {k: np.asarray(v, bool) for k, v in flags.items()}
+    return np.stack(images), np.concatenate(texts), np.asarray(owners, np.int32), subset_flags
 
 
-def run(context: common.EvalContext, eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    images, texts, owners = embed_split(context, eval_config)
-    metrics = rank_metrics(images, texts, owners)
+def run(context: common.EvalContext, settings: Settings) -> dict[str, Any]:
+    """R@K over the split; on each subset (``common.SUBSETS``) the records mark, R@K of that
+    subset's images and captions as queries against the whole split."""
+    images, texts, owners, flags = embed_split(context, settings)
+    i2t, t2i = ranks(images, texts, owners)
+    metrics: dict[str, Any] = recall_metrics(i2t, t2i)
     metrics.update(
         num_images=len(images),
         num_captions=len(texts),
         chance_image_to_text_r1=float(np.bincount(owners).mean() / len(texts)),
         chance_text_to_image_r1=1.0 / len(images),
     )
+    for subset, rows in common.subset_rows(flags).items():
+        part = recall_metrics(i2t[rows], t2i[rows[owners]])
+        part.update(num_images=int(rows.sum()), num_captions=int(rows[owners].sum()))
+        metrics.update(common.prefixed(subset, part))
     return metrics

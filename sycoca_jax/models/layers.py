@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from sycoca_jax.models.attention import AttentionMask as AttentionMask
+from sycoca_jax.models.attention import causal_mask as causal_mask
+from sycoca_jax.models.attention import dot_product_attention as dot_product_attention
+from sycoca_jax.models.attention import key_padding_mask as key_padding_mask
+
 Dtype = Any
 Array = jax.Array
-
-NEG_INF = -1e9  # large finite negative: keeps fully-masked rows finite (they never occur by design)
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,40 +54,6 @@ def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
         bias_init=logical_init(nn.initializers.zeros, ("embed",)),
         name=name,
     )
-
-
-def causal_mask(length: int) -> Array:
-    """(length, length) boolean mask, True where query i may attend to key j (j <= i)."""
-    return jnp.tril(jnp.ones((length, length), dtype=bool))
-
-
-def key_padding_mask(valid: Array) -> Array:
-    """(B, S) validity of keys -> (B, 1, 1, S) attention mask."""
-    return valid[:, None, None, :]
-
-
-def dot_product_attention(
-    query: Array, key: Array, value: Array, mask: Array | None, implementation: str = "xla"
-) -> Array:
-    """Softmax attention. q (B,T,H,D), k/v (B,S,H,D), mask broadcastable to (B,H,T,S), True=keep.
-
-    ``xla`` is our einsum path with the softmax in float32; ``cudnn`` (and ``jax``) call
-    ``jax.nn.dot_product_attention`` so a fused kernel can be used on GPU.
-    """
-    if implementation in ("cudnn", "jax"):
-        impl = "cudnn" if implementation == "cudnn" else None
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
-    if implementation != "xla":
-        raise ValueError(
-            f"attention implementation must be xla, cudnn or jax, got {implementation!r}"
-        )
-    depth = query.shape[-1]
-    logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(depth))
-    if mask is not None:
-        logits = jnp.where(mask, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, value)
 
 
 class HeadProjection(nn.Module):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import linen as nn
 
-from sycoca_jax.models import layers, masking
+from sycoca_jax.models import layers, masking, pixels
 from sycoca_jax.models.text import (
     MultimodalDecoder,
     TextEncoder,
@@ -307,10 +307,12 @@ class SyCoCa(nn.Module):
         return self.multimodal_decoder(token_states, image_tokens)
 
     def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
-        """Training forward. images (B, H, W, 3) normalised, tokens (B, max_text_len + 1).
+        """Training forward. images (B, H, W, 3) uint8 pixels (or normalised floats), tokens
+        (B, max_text_len + 1).
 
         Needs an rng named ``masking`` when a branch uses random masking.
         """
+        images = pixels.normalize(images)  # once, for the towers and the TG-MIM targets
         text_input, targets = caption_input_and_target(tokens)
         text_valid = text_input != self.pad_id
         token_states, cls_state = self.text_encoder(text_input)

@@ -24,13 +24,13 @@ def caption_input_and_target(tokens: Array) -> tuple[Array, Array]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def unimodal_attention_mask(valid: Array) -> Array:
+def unimodal_attention_mask(valid: Array) -> layers.AttentionMask:
     """Mask for [tokens..., CLS]: tokens attend causally; CLS (last) attends to every valid token
-    and itself; no query attends to a pad key. valid: (B, T) -> (B, 1, T+1, T+1)."""
-    b, t = valid.shape
+    and itself; no query attends to a pad key. valid: (B, T); ``.dense(T+1, T+1)`` gives it as
+    a (B, 1, T+1, T+1) array."""
+    b = valid.shape[0]
     keys_valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)  # CLS key is valid
-    mask = layers.causal_mask(t + 1)[None] & keys_valid[:, None, :]
-    return mask[:, None]
+    return layers.AttentionMask(key_valid=keys_valid, causal=True)
 
 
 class TokenEmbedding(nn.Module):
@@ -141,10 +141,9 @@ class MultimodalDecoder(nn.Module):
         """Vocabulary logits, or with ``return_states`` the final (post-LayerNorm) token states
         they are read from (for task heads such as VQA). ``image_tokens`` may be None when
         decoding after the first step (cached context)."""
-        t = token_states.shape[1]
         if image_tokens is not None:
             image_tokens = image_tokens.astype(self.dtype)
-        mask = None if self.decode else layers.causal_mask(t)[None, None]
+        mask = None if self.decode else layers.AttentionMask(causal=True)
         x = layers.BlockStack(
             depth=self.depth,
             num_heads=self.num_heads,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sycoca_jax.models import layers
+from sycoca_jax.models import layers, pixels
 
 Array = jax.Array
 
@@ -136,6 +136,7 @@ class ViT(nn.Module):
             raise ValueError(
                 f"expected {self.image_size}x{self.image_size} images, got {images.shape[1:3]}"
             )
+        images = pixels.normalize(images)  # uint8 pixels from the pipelines; floats pass
         patches = patchify(images.astype(self.dtype), self.patch_size)
         pos = PositionEmbedding(self.grid, self.width, self.posemb, name="posemb")()
         pos = jnp.broadcast_to(pos, (patches.shape[0],) + pos.shape)

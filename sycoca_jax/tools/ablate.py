@@ -13,7 +13,7 @@ an interrupted study (an interrupted run resumes from its checkpoint) and adding
 seeds only trains the new runs; ``--reevaluate=mechanism`` evaluates finished runs again (e.g.
 after a metric was added).
 
-Variants (``VARIANTS``): the rows of Table 5 -- ``clip`` (ITC only), ``coca``,
+Variants (``ablation_variants.VARIANTS``): the rows of Table 5 -- ``clip`` (ITC only), ``coca``,
 ``coca_attentive_caption`` (CoCa whose captioner sees the attentively kept patches),
 ``sycoca_random_tgmim`` (SyCoCa whose TG-MIM hides random patches; the captioner keeps its
 attentive masking) and ``sycoca`` -- plus ``coca_random_caption``. ``--variant`` defines more
@@ -22,7 +22,6 @@ from config overrides, e.g. ``--variant=keep25:sycoca,model.caption_keep_ratio=0
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -35,21 +34,11 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from sycoca_jax.tools import ablation_report
+from sycoca_jax.tools import ablation_report, ablation_variants
 
 REPO_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "sycoca.py"
 DONE_FILE = "ablation_run.json"
 SPEC_FILE = "run_spec.json"
-# name -> (objective, config overrides)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "clip": ("clip", {}),
-    "coca": ("coca", {}),
-    "coca_attentive_caption": ("coca", {"model.caption_masking": "attentive"}),
-    "sycoca_random_tgmim": ("sycoca", {"model.tgmim_masking": "random"}),
-    "sycoca": ("sycoca", {}),
-    "coca_random_caption": ("coca", {"model.caption_masking": "random"}),
-}
-TABLE5 = ("clip", "coca", "coca_attentive_caption", "sycoca_random_tgmim", "sycoca")
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -81,50 +70,12 @@ class RunSpec:
         return json.loads(json.dumps(out))
 
 
-def parse_value(text: str) -> Any:
-    """``0.25`` -> float, ``True`` -> bool, ``(1, 2)`` -> tuple, anything else a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_variant(definition: str) -> tuple[str, tuple[str, dict[str, Any]]]:
-    """``"NAME:OBJECTIVE,key=value,..."`` -> (name, (objective, overrides))."""
-    name, sep, rest = definition.partition(":")
-    if not sep or not name or not rest:
-        raise ValueError(
-            f"--variant={definition!r}: expected NAME:OBJECTIVE[,key=value...], e.g. "
-            "keep25:sycoca,model.caption_keep_ratio=0.25"
-        )
-    objective, *items = rest.split(",")
-    overrides = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--variant={definition!r}: {item!r} is not key=value")
-        overrides[key.strip()] = parse_value(value.strip())
-    return name, (objective, overrides)
-
-
-def set_override(config: Any, key: str, value: Any) -> None:
-    """``config.a.b = value`` for ``key="a.b"``; an unknown key fails naming it."""
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        if part not in node:
-            raise KeyError(f"override {key}={value!r}: config has no {part!r}")
-        node = node[part]
-    if leaf not in node:
-        raise KeyError(f"override {key}={value!r}: config has no field {leaf!r} there")
-    node[leaf] = value
-
-
 def build_config(spec: RunSpec) -> Any:
     """The run's config: the config file's ``<size>,objective,data``, the seed, the overrides;
     evaluations a model cannot run are dropped, the mechanism one runs every
     ``mechanism_every`` steps (its curve shows from when relevance beats chance)."""
     from sycoca_jax.config_args import load_config
+    from sycoca_jax.evaluation import registry
 
     config = load_config(
         f"{spec.config_file}:{spec.size},objective={spec.objective},data={spec.data}"
@@ -135,15 +86,15 @@ def build_config(spec: RunSpec) -> Any:
         config.total_steps = spec.steps
         config.optim.warmup_steps = min(config.optim.warmup_steps, max(spec.steps // 10, 1))
     for key, value in spec.overrides.items():
-        set_override(config, key, value)
+        ablation_variants.set_override(config, key, value)
     total = config.total_steps
     if spec.evals:
         for name in list(config.evals):
             if name not in spec.evals and config.evals[name].kind not in spec.evals:
                 del config.evals[name]
-    if not config.model.use_captioning:
-        for name in [n for n in config.evals if config.evals[n].kind == "captioning"]:
-            del config.evals[name]
+    predictors = registry.config_predictors(config)
+    for name in [n for n in config.evals if registry.missing(config.evals[n].kind, predictors)]:
+        del config.evals[name]  # the model cannot run it (e.g. captioning on a CLIP model)
     for name in config.evals:
         entry = config.evals[name]
         every = entry.every_steps if spec.eval_every is None else spec.eval_every
@@ -156,11 +107,12 @@ def build_config(spec: RunSpec) -> Any:
 def run_one(spec: RunSpec, root: str) -> dict[str, Any]:
     """Train (resuming), evaluate what the training loop did not finish, record the result."""
     from sycoca_jax import checkpoint as ckpt
-    from sycoca_jax import evaluate, train
+    from sycoca_jax import evaluate
+    from sycoca_jax.train import pretrain
 
     workdir = spec.workdir(root)
     config = build_config(spec)
-    train.train_and_evaluate(config, str(workdir))
+    pretrain.train_and_evaluate(config, str(workdir))
     final = config.total_steps
     reached, _ = ckpt.params_metadata(str(workdir))
     if reached != final:  # stopped early (SIGTERM): not a finished run
@@ -327,22 +279,6 @@ def make_specs(
     ]
 
 
-def select_variants(names: Sequence[str], definitions: Sequence[str]) -> dict[str, Any]:
-    known = dict(VARIANTS)
-    for definition in definitions:
-        name, value = parse_variant(definition)
-        known[name] = value
-    chosen = list(names) or list(TABLE5)
-    chosen += [parse_variant(d)[0] for d in definitions if parse_variant(d)[0] not in chosen]
-    unknown = [n for n in chosen if n not in known]
-    if unknown:
-        raise ValueError(
-            f"unknown variants {unknown}; known: {sorted(known)} (define one with "
-            "--variant=NAME:OBJECTIVE,key=value)"
-        )
-    return {n: known[n] for n in chosen}
-
-
 # ------------------------------------------------------------------------------------ binary
 FLAGS = flags.FLAGS
 
@@ -382,13 +318,13 @@ def main(argv: list[str]) -> None:
         spec = RunSpec(**json.loads(pathlib.Path(FLAGS.run_spec).read_text()))
         run_one(spec, FLAGS.workdir)
         return
-    variants = select_variants(FLAGS.variants, FLAGS.variant)
+    variants = ablation_variants.select_variants(FLAGS.variants, FLAGS.variant)
     common = {}
     for item in FLAGS.set:
         key, eq, value = item.partition("=")
         if not eq:
             raise app.UsageError(f"--set={item!r} is not key=value")
-        common[key] = parse_value(value)
+        common[key] = ablation_variants.parse_value(value)
     specs = make_specs(
         variants,
         FLAGS.seeds,

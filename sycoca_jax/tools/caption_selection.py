@@ -12,7 +12,9 @@ greedy captions of the same images four ways:
   selection, which needs the caption: an upper bound, not a usable inference mode);
 - ``self``: the patches most relevant to the model's own ``full`` caption (usable: two passes).
 
-Prints and writes ``<workdir>/caption_selection.json`` (BLEU-4 and CIDEr per mode).
+Prints and writes ``<workdir>/caption_selection.json`` (BLEU-4 and CIDEr per mode). Captioning
+from chosen patches is a ``SyCoCa`` internal (``selected_image_tokens``), so the tool works on the
+run's module rather than through ``evaluation.predict``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from sycoca_jax import decoding, sharding
+from sycoca_jax import decoding
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.tokenizer import Tokenizer, load_tokenizer
 from sycoca_jax.evaluation import caption_metrics
@@ -78,8 +80,8 @@ def _as_tokens(ids: np.ndarray, length: int) -> np.ndarray:
 
 
 def compare(workdir: str, num: int = 512, split: str = "test", seed: int = 0) -> dict[str, Any]:
-    context, step = visualize.load_run(workdir)
-    model, config, params = context.model, context.config, context.params
+    model, context, step = visualize.load_run(workdir)
+    config, params = context.config, context.params
     if not model.use_captioning:
         raise ValueError(f"{workdir}: the model has no captioning head")
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
@@ -89,7 +91,7 @@ def compare(workdir: str, num: int = 512, split: str = "test", seed: int = 0) ->
     references: list[list[str]] = []
     rng = np.random.default_rng(seed)
     batches = pipeline.make_eval_dataset(config, "captioning", split=split, batch_size=128)
-    with sharding.model_context(context.mesh, context.rules):
+    with context.placement.context():
         for host in batches:
             real = np.flatnonzero(host["mask"])
             images = jnp.asarray(host["image"])

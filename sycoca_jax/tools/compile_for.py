@@ -4,10 +4,16 @@ r"""Compile the training step for a TPU slice from any machine, and report per-d
       --flagfile=launch/recipes/v5p-128.flags --topology=v5p-128 [--json]
 
 Shows, before renting the hardware, whether a config (model, batch, mesh) fits: the step is
-lowered and compiled by the TPU compiler for the target's devices, exactly as ``train.py`` does it
+lowered and compiled by the TPU compiler for the target's devices, exactly as ``train.step`` does it
 on the real slice, and ``memory_analysis()`` gives the per-device bytes. ``--topology`` takes the
 Cloud name of a slice (``v4-32``, ``v5e-64``/``v5litepod-64``, ``v5p-128``, ``v6e-256``) or
 libtpu's form (``v5p:4x4x4``).
+
+On paper, it also reports the compiled step's FLOPs and HBM bytes per chip (XLA's cost
+analysis), the roofline lower bound on the step time from the chip's peak FLOP/s and bandwidth
+(``sycoca_jax.hardware``), and the MFU ceiling that bound implies (``sycoca_jax.tools.roofline``).
+``--contrastive_batch=65536`` compiles only the contrastive loss at that batch and reports whether
+its B×B logits are split over the chips.
 
 Needs the TPU compiler, which ships in the ``libtpu`` package (``pip install -e '.[tpu]'``; it
 runs on CPU-only hosts too). Without it the tool says so and exits with status 2. Exit status 0:
@@ -18,13 +24,10 @@ crash is reported in one line).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -37,7 +40,11 @@ from absl import app, flags, logging
 from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
-from sycoca_jax import sharding, train
+from sycoca_jax import flops, sharding
+from sycoca_jax.tools import roofline
+from sycoca_jax.tools.tpu_slices import TpuTarget, parse_topology
+from sycoca_jax.train import setup as train_setup
+from sycoca_jax.train import step as train_step
 
 NOMINAL_TRAIN_EXAMPLES = 10_000_000
 EXIT_FITS, EXIT_TOO_BIG, EXIT_NO_TPU_COMPILER, EXIT_BAD_INPUT, EXIT_COMPILER_CRASHED = 0, 1, 2, 3, 4
@@ -46,123 +53,6 @@ _CHILD_ENV = "SYCOCA_COMPILE_FOR_CHILD"
 
 class TpuCompilerUnavailable(RuntimeError):
     """This installation cannot compile for TPUs (no libtpu, or libtpu refuses the target)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """What differs between TPU generations for compiling: the slice's shape rank, whether the
-    Cloud name counts TensorCores (2 per chip) or chips, and the HBM per chip."""
-
-    libtpu_name: str
-    rank: int
-    cores_per_chip_in_name: int
-    chip_config: str  # "megacore": one JAX device per chip from two TensorCores
-    hbm_gib: float
-
-
-GENERATIONS = {
-    "v4": Generation("v4", 3, 2, "megacore", 32.0),
-    "v5p": Generation("v5p", 3, 2, "megacore", 95.0),
-    "v5e": Generation("v5e", 2, 1, "default", 16.0),
-    "v6e": Generation("v6e", 2, 1, "default", 32.0),
-}
-ALIASES = {"v5litepod": "v5e", "v5": "v5p", "v6": "v6e"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuTarget:
-    """One TPU slice, in the terms ``jax.experimental.topologies.get_topology_desc`` takes."""
-
-    name: str
-    generation: str
-    shape: tuple[int, ...]  # chips along each axis of the slice
-    chip_config: str
-    hbm_gib: float
-
-    @property
-    def chips(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def libtpu_topology(self) -> str:
-        return f"{GENERATIONS[self.generation].libtpu_name}:{'x'.join(map(str, self.shape))}"
-
-    @property
-    def wrap(self) -> tuple[bool, bool, bool]:
-        """Torus links: 3-D slices wrap around once every side is at least 4 chips; 2-D slices
-        along a full 16-chip side."""
-        if len(self.shape) == 3:
-            full = min(self.shape) >= 4
-            return (full, full, full)
-        return (self.shape[0] == 16, self.shape[1] == 16, False)
-
-    @property
-    def chips_per_host_bounds(self) -> tuple[int, int, int]:
-        """Chips per host along each axis: 2×2, except the single-host 8-chip v5e/v6e slices
-        (2×4) and slices smaller than a host."""
-        if len(self.shape) == 2 and self.chips == 8:
-            return (2, 4, 1)
-        if self.chips < 4:
-            return (*self.shape, *(1,) * (3 - len(self.shape)))
-        return (2, 2, 1)
-
-
-def _doubling_shape(chips: int, rank: int) -> tuple[int, ...] | None:
-    """The standard slice shape for a power-of-two chip count: 3-D 2x2x1, 2x2x2, 2x2x4, 2x4x4,
-    4x4x4, 4x4x8, ...; 2-D 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16. None for other counts."""
-    if chips < 1 or chips & (chips - 1):
-        return None
-    if chips == 1:
-        return (1,) * rank
-    if chips == 2:
-        return (1, 2, 1) if rank == 3 else (1, 2)
-    shape = [2, 2, 1] if rank == 3 else [2, 2]
-    while math.prod(shape) < chips:
-        if rank == 3:
-            biggest = max(shape)
-            smaller = [i for i, s in enumerate(shape) if s < biggest]
-            shape[smaller[-1] if smaller else 2] *= 2
-        else:
-            shape[1 if shape[0] == shape[1] else 0] *= 2
-    return tuple(shape)
-
-
-def parse_topology(name: str) -> TpuTarget:
-    """``v5p-128`` (Cloud name: v4/v5p count TensorCores, v5e/v6e chips) or ``v5p:4x4x4``."""
-    text = name.strip().lower()
-    if text.startswith("tpu "):
-        text = text[4:]
-    raw = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text)
-    cloud = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
-    if not (raw or cloud):
-        raise ValueError(
-            f"--topology={name!r}: give a TPU slice like v4-32, v5e-64, v5p-128, v6e-256 or "
-            "libtpu's form like v5p:4x4x4 (GPUs cannot be targeted from here: run "
-            "python -m sycoca_jax.tools.benchmark on one GPU node instead)"
-        )
-    prefix = (raw or cloud).group(1)
-    generation = ALIASES.get(prefix, prefix)
-    if generation not in GENERATIONS:
-        raise ValueError(
-            f"--topology={name!r}: unknown TPU generation {prefix!r}; known: "
-            f"{', '.join(sorted(GENERATIONS))} (and {', '.join(sorted(ALIASES))})"
-        )
-    gen = GENERATIONS[generation]
-    if raw:
-        shape = tuple(int(s) for s in raw.group(2).split("x"))
-        if len(shape) != gen.rank:
-            raise ValueError(f"--topology={name!r}: {generation} slices have {gen.rank} axes")
-    else:
-        count = int(cloud.group(2))
-        chips, odd = divmod(count, gen.cores_per_chip_in_name)
-        shape = None if odd else _doubling_shape(chips, gen.rank)
-        if shape is None:
-            raise ValueError(
-                f"--topology={name!r}: no standard {generation} slice has {count} "
-                f"{'TensorCores' if gen.cores_per_chip_in_name == 2 else 'chips'}; give its "
-                f"shape instead, e.g. {gen.libtpu_name}:{'x'.join(['4'] * gen.rank)}"
-            )
-    return TpuTarget(name, generation, shape, gen.chip_config, gen.hbm_gib)
 
 
 # ------------------------------------------------------------------------------- the compiler
@@ -254,10 +144,10 @@ def compile_for(config: Any, target: TpuTarget) -> dict[str, Any]:
     }
     # Epoch-based durations need a dataset size; only the schedule's length depends on it, never
     # the compiled program, so a nominal one serves.
-    setup = train.make_setup(config, mesh, num_train_examples=NOMINAL_TRAIN_EXAMPLES)
+    setup = train_setup.make_setup(config, mesh, num_train_examples=NOMINAL_TRAIN_EXAMPLES)
     start = time.perf_counter()
     try:
-        compiled, _ = train.compile_train_step(setup)
+        compiled, _ = train_step.compile_train_step(setup)
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
             raise
@@ -291,12 +181,26 @@ def compile_for(config: Any, target: TpuTarget) -> dict[str, Any]:
     )
     report["peak_gib"] = _gib(peak)
     report["fits"] = peak <= target.hbm_gib * 2**30
+    analytic = flops.train_flops_per_example(config.model) * config.batch_size / len(devices)
+    report.update(roofline.step_cost(compiled, analytic, target.chip, bool(config.model.scan)))
+    return report
+
+
+def compile_contrastive_for(config: Any, target: TpuTarget, batch_size: int) -> dict[str, Any]:
+    """The contrastive loss alone at ``batch_size`` on ``target`` (see
+    ``roofline.contrastive_loss_memory``): is the B×B logits matrix split over the chips?"""
+    devices = target_devices(target)
+    mesh = target_mesh(config.mesh.shape, devices)
+    sharding.check_batch_size(batch_size, mesh)
+    report = {"topology": target.name, "mesh": dict(mesh.shape)}
+    rules = sharding.logical_rules(config.mesh.rules)
+    report.update(roofline.contrastive_loss_memory(mesh, rules, batch_size, config.model.embed_dim))
     return report
 
 
 def _print(report: dict[str, Any]) -> None:
     for key, value in report.items():
-        print(f"{key:<22}{value}")
+        print(f"{key:<28}{value}")
     if report.get("fits") is False:
         print(
             f"does not fit: {report['topology']} has {report['hbm_gib']} GiB per device. Try "
@@ -346,7 +250,12 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
     try:
         target = parse_topology(flags.FLAGS.topology)
-        report = compile_for(flags.FLAGS.config, target)
+        if flags.FLAGS.contrastive_batch:
+            report = compile_contrastive_for(
+                flags.FLAGS.config, target, flags.FLAGS.contrastive_batch
+            )
+        else:
+            report = compile_for(flags.FLAGS.config, target)
     except TpuCompilerUnavailable as e:
         print(f"compile_for: {e}", file=sys.stderr)
         sys.exit(EXIT_NO_TPU_COMPILER)
@@ -365,6 +274,12 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice: v4-32, v5e-64, v5p-128, v5p:4x4x4, ...")
     flags.DEFINE_bool("json", False, "Print one JSON object.")
+    flags.DEFINE_integer(
+        "contrastive_batch",
+        0,
+        "Compile only the contrastive loss at this global batch (e.g. CoCa's 65536) and report "
+        "its per-device memory against the full B×B logits.",
+    )
     flags.mark_flags_as_required(["config", "topology"])
 
 

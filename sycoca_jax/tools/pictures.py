@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sycoca_jax.data.transforms import CLIP_MEAN, CLIP_STD
+from sycoca_jax.models.pixels import CLIP_MEAN, CLIP_STD
 
 PANELS = ("image", "relevance", "caption keeps", "TG-MIM hides", "reconstruction")
 DIM = 0.2  # brightness left to patches the captioner drops
@@ -23,6 +23,21 @@ def to_pixels(normalised: np.ndarray) -> np.ndarray:
     """CLIP-normalised images (..., 3) float -> uint8 pixels."""
     pixels = (np.asarray(normalised, np.float32) * CLIP_STD + CLIP_MEAN) * 255.0
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def as_pixels(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels as they are; CLIP-normalised floats (what the model takes as well) -> uint8."""
+    image = np.asarray(image)
+    return image if image.dtype == np.uint8 else to_pixels(image)
+
+
+def as_normalised(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> CLIP-normalised float32 (``models.pixels.normalize`` in NumPy); floats are
+    taken as normalised already."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        return image.astype(np.float32)
+    return ((image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
 
 
 def patch_mask_image(mask: np.ndarray, image_size: int) -> np.ndarray:
@@ -65,9 +80,11 @@ def reconstruction(
     patch_size: int,
     normalised_targets: bool = True,
 ) -> np.ndarray:
-    """Pixels of the CLIP-normalised ``image`` (H, W, 3) with its ``hidden`` patches replaced by
-    ``prediction`` (N, p*p*3); with ``normalised_targets`` (``norm_pix_loss``) the prediction is
-    in units of each true patch's own mean and std and is mapped back with them."""
+    """Pixels of ``image`` (H, W, 3; uint8 or CLIP-normalised) with its ``hidden`` patches
+    replaced by ``prediction`` (N, p*p*3); with ``normalised_targets`` (``norm_pix_loss``) the
+    prediction is in units of each true (normalised) patch's own mean and std and is mapped back
+    with them."""
+    image = as_normalised(image)
     h = image.shape[0]
     grid = h // patch_size
     patches = (
@@ -97,11 +114,12 @@ def panel_rows(
 ) -> np.ndarray:
     """(B, H*scale, 5*W*scale, 3) uint8: ``PANELS`` side by side for each image.
 
-    images (B, H, W, 3) CLIP-normalised; relevance (B, N); kept/hidden (B, N) bool; prediction
-    (B, N, p*p*3) or None (no TG-MIM: the last panel repeats the image)."""
+    images (B, H, W, 3) uint8 pixels or CLIP-normalised floats; relevance (B, N); kept/hidden
+    (B, N) bool; prediction (B, N, p*p*3) or None (no TG-MIM: the last panel repeats the
+    image)."""
     rows = []
     for b in range(len(images)):
-        pixels = to_pixels(images[b])
+        pixels = as_pixels(images[b])
         recon = (
             pixels
             if prediction is None

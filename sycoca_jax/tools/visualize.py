@@ -10,8 +10,9 @@ captioner keeps, the patches TG-MIM hides, TG-MIM's reconstruction, and the refe
 generated captions (``sycoca_jax.tools.pictures``). A model without a branch shows what the
 attentive selection at that branch's ratio *would* pick (titles say so).
 
-``pictures(...)`` gives the same rows as arrays, for TensorBoard during training
-(``MetricWriter.write_images``).
+``pictures(...)`` gives the same rows as arrays, for TensorBoard (``MetricWriter.write_images``).
+The tool draws SyCoCa's internals (TG-MIM's reconstruction is no predict function), so it works
+on the ``SyCoCa`` module of the run's config rather than through ``evaluation.predict``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from absl import app, flags, logging
 from PIL import Image
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import decoding, evaluate, sharding
+from sycoca_jax import decoding, evaluate
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.tokenizer import load_tokenizer
-from sycoca_jax.models import masking
+from sycoca_jax.evaluation.common import EvalContext
+from sycoca_jax.models import masking, sycoca
 from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.tools import pictures as drawing
 
@@ -104,8 +106,8 @@ def _greedy(model: SyCoCa, params: Any, num_tokens: int, images: jax.Array) -> j
     ).tokens
 
 
-def load_run(workdir: str, step: int | None = None):
-    """(EvalContext, step) of a training workdir, with the config its checkpoint saved."""
+def load_run(workdir: str, step: int | None = None) -> tuple[SyCoCa, EvalContext, int]:
+    """(model, EvalContext, step) of a training workdir, with the config its checkpoint saved."""
     checkpointer = ckpt.Checkpointer(workdir, max_to_keep=None, async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step
@@ -114,7 +116,8 @@ def load_run(workdir: str, step: int | None = None):
         config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     finally:
         checkpointer.close()
-    return evaluate.load_for_eval(config, workdir, step)
+    context, step = evaluate.load_for_eval(config, workdir, step)
+    return sycoca.from_config(config.model), context, step
 
 
 def write_pictures(
@@ -126,16 +129,17 @@ def write_pictures(
     seed: int = 0,
 ) -> list[pathlib.Path]:
     """Writes the PNGs (module docstring) and returns their paths."""
-    context, step = load_run(workdir, step)
-    config, model = context.config, context.model
-    shards = context.mesh.shape["data"] * context.mesh.shape["fsdp"]
+    model, context, step = load_run(workdir, step)
+    config = context.config
+    mesh = context.placement.mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-num // shards) * shards
     dataset = pipeline.make_eval_dataset(config, "validation", split=split, batch_size=batch_size)
     host = dataset[0]
     real = np.flatnonzero(host["mask"])[:num]
     images, tokens = host["image"], host["tokens"]
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.name)
-    with sharding.model_context(context.mesh, context.rules):
+    with context.placement.context():
         rows = pictures(model, context.params, images, tokens, seed)
         generated = None
         if model.use_captioning:

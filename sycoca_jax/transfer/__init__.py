@@ -9,6 +9,6 @@
   pooler + classifier over the answer vocabulary (``vqa.py``).
 
 ``towers.py`` restores the needed parameter subtrees and runs them; ``heads.py`` holds the new
-modules; ``trainer.py`` trains a head the way ``sycoca_jax.train`` trains the model; ``run.py``
-ties a run together and writes ``transfer_results.json``.
+modules; ``trainer.py`` trains a head with the pretraining loop (``sycoca_jax.train.loop``);
+``run.py`` ties a run together and writes ``transfer_results.json``.
 """

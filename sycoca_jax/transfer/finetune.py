@@ -13,10 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from sycoca_jax.data import pipeline, sources, task_pipelines
-from sycoca_jax.metrics import MetricWriter
 from sycoca_jax.transfer import heads, inputs, results, towers, trainer
 
 
@@ -52,54 +52,64 @@ def classifier_task(
 
 def run(
     config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
-) -> tuple[dict[str, Any], trainer.State]:
-    """Trains the classifier; returns the results (per evaluation split) and the final state."""
+) -> dict[str, Any] | None:
+    """Trains the classifier (resuming from ``workdir``); returns the results per evaluation
+    split, or None when a stop request (SIGTERM) ended training early."""
     data = config.data
-    spec = inputs.spec(config)
     num_classes = len(sources.class_names(data.name, data.data_dir))
     train_source = inputs.open_split(config, data.train_split)
     task, predict_fn = classifier_task(pretrained, num_classes, config)
     setup = trainer.make_setup(config, task, len(train_source))
-    state = trainer.initial_state(setup, pretrained, config.seed)
     dataset = task_pipelines.classification_train_dataset(
         train_source,
-        spec=spec,
+        spec=inputs.spec(config),
         image_size=pretrained.model.image_size,
         global_batch_size=config.batch_size,
         **inputs.loader_options(config),
     )
     batches = inputs.train_iterator(dataset, config)
-    writer = MetricWriter(workdir)
-    try:
-        state, last = trainer.train_head(setup, state, batches, writer)
-    finally:
-        batches.close()
-    train_counts = task_pipelines.label_counts(train_source, spec, num_classes)
-    splits = {}
-    for split in data.eval_splits:
-        eval_data = pipeline.eval_dataset(
-            inputs.open_split(config, split),
-            task="classification",
-            spec=spec,
-            image_size=pretrained.model.image_size,
-            global_batch_size=config.eval_batch_size,
-            min_image_size=data.min_image_size,
-        )
-        out = trainer.predict(
-            setup,
-            predict_fn,
-            state["params"],
-            eval_data,
-            ["image"],
-            ["label"],
-            inputs.eval_threads(config),
-        )
-        splits[split] = {
-            **results.topk_accuracy(out["logits"], out["label"]),
-            "examples": len(out["label"]),
-            "chance": results.classification_baselines(train_counts, out["label"]),
-        }
-        writer.write(setup.total_steps, {f"{split}/top1": splits[split]["top1"]})
-    writer.close()
-    summary = {"num_classes": num_classes, "steps": setup.total_steps, "train": last}
-    return {**summary, "splits": splits}, state
+    outcome = trainer.train_head(setup, workdir, batches, pretrained)
+    if outcome.stopped:
+        return None
+    train_counts = task_pipelines.label_counts(train_source, inputs.spec(config), num_classes)
+    splits = {
+        split: evaluate_split(setup, predict_fn, outcome.state["params"], split, train_counts)
+        for split in data.eval_splits
+    }
+    top1 = {f"{split}/top1": numbers["top1"] for split, numbers in splits.items()}
+    results.write_metrics(workdir, setup.total_steps, top1)
+    summary = {"num_classes": num_classes, "steps": setup.total_steps, "train": outcome.metrics}
+    return {**summary, "splits": splits}
+
+
+def evaluate_split(
+    setup: trainer.HeadSetup,
+    predict_fn: Any,
+    params: Any,
+    split: str,
+    train_counts: np.ndarray,
+) -> dict[str, Any]:
+    """Top-1/top-5 on ``split`` (centre crops) with its chance levels."""
+    config = setup.config
+    eval_data = pipeline.eval_dataset(
+        inputs.open_split(config, split),
+        task="classification",
+        spec=inputs.spec(config),
+        image_size=setup.task.model.image_size,
+        global_batch_size=config.eval_batch_size,
+        min_image_size=config.data.min_image_size,
+    )
+    out = trainer.predict(
+        setup.placement,
+        predict_fn,
+        params,
+        eval_data,
+        ["image"],
+        ["label"],
+        inputs.eval_threads(config),
+    )
+    return {
+        **results.topk_accuracy(out["logits"], out["label"]),
+        "examples": len(out["label"]),
+        "chance": results.classification_baselines(train_counts, out["label"]),
+    }

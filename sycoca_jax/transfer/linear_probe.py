@@ -20,9 +20,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import sharding
 from sycoca_jax.data import pipeline, sources
-from sycoca_jax.metrics import MetricWriter
 from sycoca_jax.transfer import inputs, results, towers, trainer
 
 
@@ -72,7 +72,7 @@ def fit(
 
 
 def extract_features(
-    placement: trainer.Placement,
+    placement: sharding.Placement,
     pretrained: towers.Pretrained,
     params: Any,
     config: ml_collections.ConfigDict,
@@ -94,23 +94,18 @@ def extract_features(
     return out["features"].astype(np.float32), out["label"]
 
 
-def run(
-    config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Extracts features, fits the probes, reports; returns the results and the probe."""
-    data, probe = config.data, config.linear_probe
-    model = pretrained.model
-    mesh = sharding.make_mesh(config.mesh.shape)
-    sharding.check_batch_size(config.eval_batch_size, mesh)
-    placement = trainer.Placement(mesh, sharding.logical_rules(config.mesh.rules))
-    names = towers.probe_subtrees(model, probe.feature)
-    shardings = sharding.shardings_from_boxed(
-        towers.abstract_tower(model, names), mesh, placement.rules
+def split_features(
+    config: ml_collections.ConfigDict, pretrained: towers.Pretrained
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features and labels of the training, selection and evaluation splits."""
+    data, model = config.data, pretrained.model
+    placement = sharding.Placement.from_config(config.mesh)
+    sharding.check_batch_size(config.eval_batch_size, placement.mesh)
+    names = towers.probe_subtrees(model, config.linear_probe.feature)
+    params = pretrained.tower_params(
+        names, placement.shardings(towers.abstract_tower(model, names))
     )
-    params = pretrained.tower_params(names, shardings)
-    num_classes = len(sources.class_names(data.name, data.data_dir))
-
-    kind = probe.feature
+    kind = config.linear_probe.feature
 
     def feature_fn(tower, batch):
         images = batch["image"]
@@ -119,19 +114,25 @@ def run(
         }
 
     splits = dict.fromkeys([data.train_split, data.select_split, *data.eval_splits])
-    features = {
+    return {
         split: extract_features(placement, pretrained, params, config, split, feature_fn)
         for split in splits
     }
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
+) -> dict[str, Any]:
+    """Extracts features, fits the probes, reports, saves the kept probe (with
+    ``save_checkpoint``); returns the results."""
+    data, probe = config.data, config.linear_probe
+    num_classes = len(sources.class_names(data.name, data.data_dir))
+    features = split_features(config, pretrained)
     train_x, train_y = features[data.train_split]
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-
-    def standardise(x):
-        return (x - mean) / std
-
     grid = tuple(float(v) for v in probe.l2_grid)
     weights, biases = fit(
-        standardise(train_x),
+        (train_x - mean) / std,
         train_y,
         num_classes,
         grid,
@@ -142,33 +143,58 @@ def run(
     )
     weights, biases = np.asarray(weights), np.asarray(biases)
 
-    def logits(split, g):
-        return standardise(features[split][0]) @ weights[g] + biases[g]
+    def logits(x, g):
+        return ((x - mean) / std) @ weights[g] + biases[g]
 
-    select = data.select_split
-    labels = features[select][1]
-    sweep = [results.topk_accuracy(logits(select, g), labels)["top1"] for g in range(len(grid))]
+    select_x, select_y = features[data.select_split]
+    sweep = [results.topk_accuracy(logits(select_x, g), select_y)["top1"] for g in range(len(grid))]
     best = int(np.argmax(sweep))
-    logging.info("linear probe: %s top-1 per l2 %s; keeping l2=%g", select, sweep, grid[best])
-    train_counts = np.bincount(train_y, minlength=num_classes)
-    report = {}
-    for split in (data.train_split, *data.eval_splits):
-        labels = features[split][1]
-        report[split] = {
-            **results.topk_accuracy(logits(split, best), labels),
-            "examples": len(labels),
-            "chance": results.classification_baselines(train_counts, labels),
-        }
-    writer = MetricWriter(workdir)
-    writer.write(0, {f"{split}/top1": r["top1"] for split, r in report.items()})
-    writer.close()
+    logging.info(
+        "linear probe: %s top-1 per l2 %s; keeping l2=%g", data.select_split, sweep, grid[best]
+    )
+    probe_state = {"w": weights[best], "b": biases[best], "mean": mean, "std": std}
+    report = _report(features, data, num_classes, lambda x: logits(x, best))
+    results.write_metrics(workdir, 0, {f"{split}/top1": r["top1"] for split, r in report.items()})
+    if config.save_checkpoint:
+        save_probe(workdir, probe_state, config)
     summary = {
         "num_classes": num_classes,
         "feature": probe.feature,
         "feature_dim": int(train_x.shape[1]),
         "l2_grid": list(grid),
-        f"{select}_top1_per_l2": sweep,
+        f"{data.select_split}_top1_per_l2": sweep,
         "l2": grid[best],
     }
-    probe_state = {"w": weights[best], "b": biases[best], "mean": mean, "std": std}
-    return {**summary, "splits": report}, probe_state
+    return {**summary, "splits": report}
+
+
+def _report(
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
+    data: ml_collections.ConfigDict,
+    num_classes: int,
+    logits: Any,
+) -> dict[str, dict[str, Any]]:
+    """Accuracies of the kept probe on the training and evaluation splits, with chance."""
+    train_counts = np.bincount(features[data.train_split][1], minlength=num_classes)
+    report = {}
+    for split in (data.train_split, *data.eval_splits):
+        x, labels = features[split]
+        report[split] = {
+            **results.topk_accuracy(logits(x), labels),
+            "examples": len(labels),
+            "chance": results.classification_baselines(train_counts, labels),
+        }
+    return report
+
+
+def save_probe(workdir: str, probe_state: dict[str, Any], config: ml_collections.ConfigDict):
+    """The probe's weights and feature statistics as checkpoint step 0 (never overwritten)."""
+    checkpointer = ckpt.Checkpointer(workdir, max_to_keep=None, async_save=False)
+    try:
+        if 0 in checkpointer.all_steps():
+            logging.warning("%s already holds step 0: not overwriting it", workdir)
+            return
+        checkpointer.save(0, probe_state, config=config, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()

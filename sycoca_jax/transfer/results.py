@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from sycoca_jax.metrics import MetricWriter
+
 RESULTS_FILE = "transfer_results.json"
 
 
@@ -57,3 +59,10 @@ def write_results(workdir: str, results: Mapping[str, Any]) -> str:
 
 def read_results(workdir: str) -> dict[str, Any]:
     return json.loads((epath.Path(workdir) / RESULTS_FILE).read_text())
+
+
+def write_metrics(workdir: str, step: int, metrics: Mapping[str, Any]) -> None:
+    """One record of evaluation numbers appended to ``metrics.jsonl`` (and TensorBoard)."""
+    writer = MetricWriter(workdir)
+    writer.write(step, metrics)
+    writer.close()

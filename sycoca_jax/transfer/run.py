@@ -3,7 +3,9 @@
 ``<workdir>/transfer_results.json`` holds the task, the pretraining checkpoint (path, step, size,
 objective), the numbers per evaluation split with their chance levels, the training summary and
 the full config; ``metrics.jsonl`` the training curve; ``checkpoints/<step>`` the trained
-parameters (tower and head, or the probe's weights and feature statistics).
+parameters (tower and head, with the data position, written as pretraining writes them; or the
+probe's weights and feature statistics). A SIGTERM during training saves and leaves without
+results; the same command resumes from the workdir.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.transfer import finetune, linear_probe, results, towers, vqa
 
-TASKS: dict[str, Callable[..., tuple[dict[str, Any], Any]]] = {
+# Each returns its report, or None when a stop request (SIGTERM) ended training early.
+TASKS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "linear_probe": linear_probe.run,
     "finetune": finetune.run,
     "vqa": vqa.run,
@@ -26,7 +28,8 @@ TASKS: dict[str, Callable[..., tuple[dict[str, Any], Any]]] = {
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs ``config.task`` from the checkpoint ``config.init``; returns what it wrote."""
+    """Runs ``config.task`` from the checkpoint ``config.init``; returns what it wrote (nothing
+    when a stop request ended it early)."""
     if config.task not in TASKS:
         raise ValueError(f"unknown transfer task {config.task!r}; known: {', '.join(TASKS)}")
     if not config.init:
@@ -36,9 +39,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = time.perf_counter()
     pretrained = towers.load_pretrained(config.init, config.init_step, config.model.to_dict())
     logging.info("transfer %s from %s step %d", config.task, pretrained.path, pretrained.step)
-    report, state = TASKS[config.task](config, workdir, pretrained)
-    if config.save_checkpoint:
-        _save(workdir, state, config)
+    report = TASKS[config.task](config, workdir, pretrained)
+    if report is None:
+        logging.warning("stopped before the end; run the same command to resume from %s", workdir)
+        return {}
     out = {
         "task": config.task,
         "checkpoint": {
@@ -58,16 +62,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logging.info("%s %s: %s (chance %s)", config.task, split, shown, numbers.get("chance"))
     logging.info("wrote %s", path)
     return out
-
-
-def _save(workdir: str, state: Any, config: ml_collections.ConfigDict) -> None:
-    step = int(state["step"]) if "step" in state else 0
-    checkpointer = ckpt.Checkpointer(workdir, max_to_keep=None, async_save=False)
-    try:
-        if step in checkpointer.all_steps():
-            logging.warning("%s already holds step %d: not overwriting it", workdir, step)
-            return
-        checkpointer.save(step, state, config=config, force=True)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()

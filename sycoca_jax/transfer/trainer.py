@@ -1,21 +1,21 @@
-"""Training a task head on a pretrained tower: ``sycoca_jax.train``'s pattern, compactly.
+"""Training a task head on a pretrained tower, with the pretraining loop (``train.loop``).
 
 State is ``{"step", "params": {"tower", "head"}, "opt_state"}``, created already sharded (logical
-axis names -> ``sharding.shardings_from_boxed``), with the tower restored from the pretraining
-checkpoint and the head freshly initialised. The optimiser is ``optim.make_optimizer`` twice under
+axis names -> ``Placement.abstract``), with the tower restored from the pretraining checkpoint
+and the head freshly initialised. The optimiser is ``optim.make_optimizer`` twice under
 ``optax.multi_transform``: one for the head (``optim.lr``) and one for the tower
 (``optim.tower_lr``); with ``optim.freeze_tower`` the tower is not differentiated at all (CoCa's
 frozen-feature setting) and holds no optimiser state. Each group clips its own gradient norm.
-One jitted step with donation, metrics every ``log_every_steps`` to ``metrics.jsonl``, a NaN or
-Inf loss stops the run (``train.check_finite``).
+One jitted step with donation, run by ``train.loop.TrainLoop``: checkpoints every
+``checkpoint_every_steps``, at the end and on SIGTERM; a NaN or Inf loss stops the run; metrics
+every ``log_every_steps`` to ``metrics.jsonl``; a run resumes from its workdir.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grain
@@ -27,12 +27,13 @@ import optax
 from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
 
-from sycoca_jax import durations, optim, sharding, train
+from sycoca_jax import durations, optim, sharding
 from sycoca_jax.data import pipeline
-from sycoca_jax.metrics import MetricWriter
+from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.models import sycoca
+from sycoca_jax.train import loop
+from sycoca_jax.train import setup as train_setup
 from sycoca_jax.transfer import towers
 
 State = dict[str, Any]
@@ -67,37 +68,19 @@ class HeadTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class Placement:
-    """A mesh and its logical rules: enough to run a model for prediction."""
-
-    mesh: Mesh
-    rules: sharding.Rules
-
-    def context(self) -> contextlib.ExitStack:
-        return sharding.model_context(self.mesh, self.rules)
-
-
-@dataclasses.dataclass(frozen=True)
 class HeadSetup:
     """Everything fixed for one transfer run."""
 
     config: ml_collections.ConfigDict
     task: HeadTask
-    mesh: Mesh
-    rules: sharding.Rules
+    placement: sharding.Placement
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     trainable: tuple[str, ...]  # ("head",) or ("tower", "head")
+    abstract_state: State  # ShapeDtypeStructs carrying their shardings
     state_shardings: State
     total_steps: int
     warmup_steps: int
-
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return sharding.batch_sharding(self.mesh)
-
-    def context(self) -> contextlib.ExitStack:
-        return sharding.model_context(self.mesh, self.rules)
 
 
 def make_optimizer(
@@ -117,28 +100,28 @@ def make_optimizer(
 def make_setup(
     config: ml_collections.ConfigDict, task: HeadTask, num_train_examples: int | None
 ) -> HeadSetup:
-    mesh = sharding.make_mesh(config.mesh.shape)
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh)
+    placement = sharding.Placement.from_config(config.mesh)
+    sharding.check_batch_size(config.batch_size, placement.mesh)
+    sharding.check_batch_size(config.eval_batch_size, placement.mesh)
     total, warmup = durations.run_length(config, num_train_examples)
     tx, schedule, trainable = make_optimizer(config.optim, total, warmup)
-    rules = sharding.logical_rules(config.mesh.rules)
 
     def init_state(rng):
         params = task.init(rng)
         opt_state = tx.init({k: params[k] for k in trainable})
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
 
-    boxed = jax.eval_shape(init_state, jax.random.key(0))
-    shardings = sharding.shardings_from_boxed(boxed, mesh, rules)
-    return HeadSetup(config, task, mesh, rules, tx, schedule, trainable, shardings, total, warmup)
+    abstract, shardings = placement.abstract(jax.eval_shape(init_state, jax.random.key(0)))
+    return HeadSetup(
+        config, task, placement, tx, schedule, trainable, abstract, shardings, total, warmup
+    )
 
 
 def initial_state(setup: HeadSetup, pretrained: towers.Pretrained, seed: int) -> State:
     """The tower from the checkpoint, a fresh head and optimiser state, all sharded."""
     shardings = setup.state_shardings
     tower = pretrained.tower_params(setup.task.tower_names, shardings["params"]["tower"])
-    with setup.context():
+    with setup.placement.context():
         head = jax.jit(
             lambda rng: nn.unbox(setup.task.init_head(rng)),
             out_shardings=shardings["params"]["head"],
@@ -152,9 +135,9 @@ def initial_state(setup: HeadSetup, pretrained: towers.Pretrained, seed: int) ->
     return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def make_train_step(setup: HeadSetup) -> Callable[[State, Batch], tuple[State, dict]]:
-    """The jitted ``(state, batch) -> (state, metrics)``; only the trainable groups are
-    differentiated."""
+def make_train_step(setup: HeadSetup) -> loop.StepFn:
+    """The jitted ``(state, batch) -> (state, metrics)``, traced under the placement; only the
+    trainable groups are differentiated."""
     tx, trainable, loss_fn = setup.tx, setup.trainable, setup.task.loss_fn
 
     def step(state: State, batch: Batch):
@@ -174,45 +157,37 @@ def make_train_step(setup: HeadSetup) -> Callable[[State, Batch], tuple[State, d
         new_state = {"step": state["step"] + 1, "params": {**params, **new}, "opt_state": opt_state}
         return new_state, metrics
 
-    return jax.jit(
+    jitted = jax.jit(
         step,
-        in_shardings=(setup.state_shardings, setup.batch_sharding),
-        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        in_shardings=(setup.state_shardings, setup.placement.batch_sharding),
+        out_shardings=(setup.state_shardings, setup.placement.replicated),
         donate_argnums=(0,),
     )
 
+    def placed(state: State, batch: Batch):
+        with setup.placement.context():
+            return jitted(state, batch)
+
+    return placed
+
 
 def train_head(
-    setup: HeadSetup, state: State, batches: Iterator[dict[str, np.ndarray]], writer: MetricWriter
-) -> tuple[State, dict[str, float]]:
-    """Runs the remaining steps; returns the state and the last logged metrics."""
+    setup: HeadSetup, workdir: str, batches: SkipCountingIterator, pretrained: towers.Pretrained
+) -> loop.Outcome:
+    """Trains in ``workdir`` with the pretraining loop (``train.loop.TrainLoop``: periodic
+    checkpoints, SIGTERM, NaN checks, progress), resuming from the workdir's latest checkpoint
+    if it holds one, else starting from ``pretrained``'s tower and a fresh head. Closes
+    ``batches``."""
     config = setup.config
-    step_fn = make_train_step(setup)
-    step = int(jax.device_get(state["step"]))
-    window = (time.perf_counter(), step)
-    last: dict[str, float] = {}
-    with setup.context():
-        while step < setup.total_steps:
-            batch = pipeline.make_global_batch(next(batches), setup.mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            if step == 1 or step % config.log_every_steps == 0 or step == setup.total_steps:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                train.check_finite(step, host)
-                now = time.perf_counter()
-                seconds = max(now - window[0], 1e-9)
-                host["examples_per_sec"] = (step - window[1]) * config.batch_size / seconds
-                window = (now, step)
-                writer.write(step, host)
-                last = host
-                logging.info(
-                    "step %d/%d loss %.4f | %.1f ex/s",
-                    step,
-                    setup.total_steps,
-                    host["loss"],
-                    host["examples_per_sec"],
-                )
-    return state, last
+    with loop.TrainLoop(workdir, config, setup.placement, batches, setup.total_steps) as run:
+        resumed = train_setup.resume_latest(run.checkpointer, setup.abstract_state, batches)
+        state, origin = resumed or (
+            initial_state(setup, pretrained, config.seed),
+            f"tower from {pretrained.path} step {pretrained.step}, a new head",
+        )
+        start = int(jax.device_get(state["step"]))
+        logging.info("%s at step %d of %d", origin, start, setup.total_steps)
+        return run.run(state, make_train_step(setup))
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -223,7 +198,7 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 def predict(
-    setup: HeadSetup | Placement,
+    placement: sharding.Placement,
     fn: Callable[[Any, Batch], dict[str, jax.Array]],
     params: Any,
     dataset: Iterable[dict[str, np.ndarray]],
@@ -244,19 +219,25 @@ def predict(
     jitted = jax.jit(fn)
     parts: dict[str, list[np.ndarray]] = {}
     start = time.perf_counter()
-    with setup.context():
+    with placement.context():
         for host in dataset:
             carried = [*keep, "mask", *(["index"] if "index" in host else [])]
             names = list(dict.fromkeys([*inputs, *carried]))
-            batch = pipeline.make_global_batch({k: host[k] for k in names}, setup.mesh)
+            batch = pipeline.make_global_batch({k: host[k] for k in names}, placement)
             outputs = dict(jitted(params, {k: batch[k] for k in inputs}))
             outputs.update({k: batch[k] for k in carried})
             for key, value in outputs.items():
                 parts.setdefault(key, []).append(gather(value))
     if not parts:
         raise ValueError("the evaluation dataset is empty")
-    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out = _in_dataset_order({k: np.concatenate(v) for k, v in parts.items()})
+    count = len(next(iter(out.values())))
+    logging.info("predicted %d examples in %.1f s", count, time.perf_counter() - start)
+    return out
+
+
+def _in_dataset_order(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows without padding (``mask``), sorted by ``index`` where there is one."""
     mask = out.pop("mask").astype(bool)
-    logging.info("predicted %d examples in %.1f s", int(mask.sum()), time.perf_counter() - start)
     order = np.argsort(out.pop("index")[mask], kind="stable") if "index" in out else slice(None)
     return {k: v[mask][order] for k, v in out.items()}

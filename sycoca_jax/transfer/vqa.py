@@ -26,8 +26,7 @@ from absl import logging
 
 from sycoca_jax import losses
 from sycoca_jax.data import task_pipelines, vqa_answers
-from sycoca_jax.metrics import MetricWriter
-from sycoca_jax.transfer import heads, inputs, towers, trainer
+from sycoca_jax.transfer import heads, inputs, results, towers, trainer
 
 VOCAB_FILE = "answer_vocab.json"
 
@@ -188,27 +187,16 @@ def baselines(
 
 def run(
     config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
-) -> tuple[dict[str, Any], trainer.State]:
-    """Trains the VQA model; returns the results (per evaluation split) and the final state."""
+) -> dict[str, Any] | None:
+    """Trains the VQA model (resuming from ``workdir``); returns the results per evaluation
+    split, or None when a stop request (SIGTERM) ended training early."""
     data, vqa = config.data, config.vqa
-    model = pretrained.model
-    spec = inputs.spec(config)
-    tokenizer = inputs.tokenizer_for(config, pretrained)
+    tokenizer = inputs.tokenizer_for(config, pretrained)  # a wrong one fails first
     train_source = inputs.open_split(config, data.train_split)
     vocab, total, per_slot = answer_vocabulary(config, train_source, workdir)
     task, predict_fn = vqa_task(pretrained, len(vocab), config)
     setup = trainer.make_setup(config, task, len(train_source))
-    state = trainer.initial_state(setup, pretrained, config.seed)
-    text = dict(
-        spec=spec,
-        tokenizer=tokenizer,
-        vocab=vocab,
-        image_size=model.image_size,
-        max_text_len=model.max_text_len,
-        max_questions=vqa.max_questions,
-        max_answers=vqa.max_answers,
-        accuracy=vqa.accuracy,
-    )
+    text = _text_options(config, pretrained.model, tokenizer, vocab)
     dataset = task_pipelines.vqa_train_dataset(
         train_source,
         global_batch_size=config.batch_size,
@@ -217,41 +205,63 @@ def run(
         **inputs.loader_options(config),
     )
     batches = inputs.train_iterator(dataset, config)
-    writer = MetricWriter(workdir)
-    try:
-        state, last = trainer.train_head(setup, state, batches, writer)
-    finally:
-        batches.close()
-    slot_names = tuple(vqa.slot_names)
+    outcome = trainer.train_head(setup, workdir, batches, pretrained)
+    if outcome.stopped:
+        return None
     splits = {}
     for split in data.eval_splits:
-        eval_data = task_pipelines.vqa_eval_dataset(
-            inputs.open_split(config, split),
-            global_batch_size=config.eval_batch_size,
-            min_image_size=data.min_image_size,
-            **text,
-        )
-        keep = ["answer_ids", "answer_scores", "question_mask"]
-        out = trainer.predict(
-            setup,
-            predict_fn,
-            state["params"],
-            eval_data,
-            ["image", "tokens"],
-            keep,
-            inputs.eval_threads(config),
-        )
+        out = _predict_split(setup, predict_fn, outcome.state["params"], split, text)
         candidates = (out["answer_ids"], out["answer_scores"], out["question_mask"])
         splits[split] = {
-            **evaluate_predictions(out["prediction"], *candidates, slot_names),
-            "chance": baselines(vocab, total, per_slot, *candidates, bool(slot_names)),
+            **evaluate_predictions(out["prediction"], *candidates, tuple(vqa.slot_names)),
+            "chance": baselines(vocab, total, per_slot, *candidates, bool(vqa.slot_names)),
         }
-        writer.write(setup.total_steps, {f"{split}/vqa_accuracy": splits[split]["accuracy"]})
-    writer.close()
+    accuracy = {f"{split}/vqa_accuracy": numbers["accuracy"] for split, numbers in splits.items()}
+    results.write_metrics(workdir, setup.total_steps, accuracy)
     summary = {
         "answer_vocab_size": len(vocab),
         "accuracy_mode": vqa.accuracy,
         "steps": setup.total_steps,
-        "train": last,
+        "train": outcome.metrics,
     }
-    return {**summary, "splits": splits}, state
+    return {**summary, "splits": splits}
+
+
+def _text_options(
+    config: ml_collections.ConfigDict, model: Any, tokenizer: Any, vocab: Any
+) -> dict[str, Any]:
+    """The VQA pipelines' options that training and evaluation share."""
+    vqa = config.vqa
+    return dict(
+        spec=inputs.spec(config),
+        tokenizer=tokenizer,
+        vocab=vocab,
+        image_size=model.image_size,
+        max_text_len=model.max_text_len,
+        max_questions=vqa.max_questions,
+        max_answers=vqa.max_answers,
+        accuracy=vqa.accuracy,
+    )
+
+
+def _predict_split(
+    setup: trainer.HeadSetup, predict_fn: Any, params: Any, split: str, text: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Predicted answers of ``split`` with the candidates that score them."""
+    config = setup.config
+    eval_data = task_pipelines.vqa_eval_dataset(
+        inputs.open_split(config, split),
+        global_batch_size=config.eval_batch_size,
+        min_image_size=config.data.min_image_size,
+        **text,
+    )
+    keep = ["answer_ids", "answer_scores", "question_mask"]
+    return trainer.predict(
+        setup.placement,
+        predict_fn,
+        params,
+        eval_data,
+        ["image", "tokens"],
+        keep,
+        inputs.eval_threads(config),
+    )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sycoca_jax.data import pipeline, prepare, readers, sources, tokenizer
+from sycoca_jax.data import converter, pipeline, prepare, readers, sources, tokenizer
 from sycoca_jax.data.tokenizer import BOS_ID
 
 
@@ -61,11 +61,11 @@ def converted(tmp_path_factory):
     samples.insert(5, ("000000101", _jpeg(101), "   \n"))
     _write_shard(shards / "00000.tar", samples)
     data_dir = str(root / "tfds")
-    summary = prepare.convert_local(
+    summary = converter.convert_local(
         {"train": str(shards)},
         name="toy_pairs",
         data_dir=data_dir,
-        options=prepare.ConversionOptions(num_workers=0),
+        options=converter.ConversionOptions(num_workers=0),
     )
     return data_dir, summary
 
@@ -85,7 +85,7 @@ def test_tar_shard_keeps_exactly_the_good_records(converted):
 
 def test_summary_file_next_to_the_data(converted):
     data_dir, summary = converted
-    path = os.path.join(data_dir, "toy_pairs", "1.0.0", prepare.SUMMARY_FILE)
+    path = os.path.join(data_dir, "toy_pairs", "1.0.0", converter.SUMMARY_FILE)
     with open(path) as f:
         on_disk = json.load(f)
     assert on_disk == summary
@@ -220,6 +220,6 @@ def test_webdataset_caption_from_json_and_truncated_shard(tmp_path):
 
 def test_check_sample_reencodes_large_images():
     sample = readers.ImageText("k", _jpeg(3, size=(400, 200)), "caption")
-    reason, record = prepare.check_sample(sample, prepare.ConversionOptions(max_image_side=100))
+    reason, record = converter.check_sample(sample, converter.ConversionOptions(max_image_side=100))
     assert reason is None
     assert Image.open(io.BytesIO(record["image"])).size == (100, 50)

@@ -146,7 +146,7 @@ def test_coco_captions_train_and_retrieval(metadata_dir, tmp_path):
         assert len(source) == 24
         iterator = pipeline.make_train_iterator(config)
         batch = next(iterator)
-        assert batch["image"].shape == (32, 64, 64, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (32, 64, 64, 3) and batch["image"].dtype == np.uint8
         assert batch["tokens"].shape == (32, 25) and (batch["tokens"][:, 0] == BOS_ID).all()
         assert iterator.stats.total_skipped == 0
         iterator.close()

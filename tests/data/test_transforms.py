@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sycoca_jax.data import sources, transforms
+from sycoca_jax.data import images, sources, transforms
 from sycoca_jax.data.skipping import BadRecord, SkippedRecord
 from sycoca_jax.data.tokenizer import load_tokenizer
 
@@ -34,7 +34,7 @@ def test_random_resized_crop_box_respects_scale_and_ratio():
     rng = np.random.default_rng(0)
     for width, height in [(640, 480), (300, 900), (64, 64)]:
         for _ in range(200):
-            left, top, right, bottom = transforms.random_resized_crop_box(
+            left, top, right, bottom = images.random_resized_crop_box(
                 width, height, rng, scale=(0.3, 1.0)
             )
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
@@ -47,9 +47,9 @@ def test_random_resized_crop_box_respects_scale_and_ratio():
 
 def test_full_scale_crop_is_the_whole_square_image():
     rng = np.random.default_rng(0)
-    assert transforms.random_resized_crop_box(64, 64, rng, scale=(1.0, 1.0)) == (0, 0, 64, 64)
+    assert images.random_resized_crop_box(64, 64, rng, scale=(1.0, 1.0)) == (0, 0, 64, 64)
     # A 2:1 image with scale 1 falls back to the largest centred crop within 4:3.
-    assert transforms.random_resized_crop_box(200, 100, rng, scale=(1.0, 1.0)) == (
+    assert images.random_resized_crop_box(200, 100, rng, scale=(1.0, 1.0)) == (
         33,
         0,
         166,
@@ -58,33 +58,25 @@ def test_full_scale_crop_is_the_whole_square_image():
 
 
 def test_centre_crop_box():
-    assert transforms.centre_crop_box(200, 100) == (50, 0, 150, 100)
-    assert transforms.centre_crop_box(90, 120) == (0, 15, 90, 105)
-
-
-def test_normalize_uses_clip_statistics():
-    pixels = np.array([[[0, 128, 255]]], np.uint8)
-    expected = (np.array([0, 128, 255]) / 255 - transforms.CLIP_MEAN) / transforms.CLIP_STD
-    out = transforms.normalize(pixels)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out[0, 0], expected, rtol=1e-6)
+    assert images.centre_crop_box(200, 100) == (50, 0, 150, 100)
+    assert images.centre_crop_box(90, 120) == (0, 15, 90, 105)
 
 
 def test_crop_and_resize_matches_with_and_without_jpeg_draft():
     array = _gradient(800, 600)
     box = (100, 50, 700, 550)
-    drafted = transforms.crop_and_resize(transforms.open_image(_encode(array)), box, 64)
-    reference = transforms.crop_and_resize(transforms.open_image(_encode(array, "PNG")), box, 64)
+    drafted = images.crop_and_resize(images.open_image(_encode(array)), box, 64)
+    reference = images.crop_and_resize(images.open_image(_encode(array, "PNG")), box, 64)
     assert drafted.shape == (64, 64, 3) and drafted.dtype == np.uint8
     assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 4
 
 
 def test_decoded_arrays_and_other_modes_become_rgb():
     grey = np.full((40, 50, 1), 200, np.uint8)
-    out = transforms.crop_and_resize(transforms.open_image(grey), (0, 0, 50, 40), 16)
+    out = images.crop_and_resize(images.open_image(grey), (0, 0, 50, 40), 16)
     assert out.shape == (16, 16, 3) and (out == 200).all()
     rgba = _encode(np.dstack([_gradient(30, 30), np.full((30, 30), 255, np.uint8)]), "PNG")
-    assert transforms.crop_and_resize(transforms.open_image(rgba), (0, 0, 30, 30), 8).shape == (
+    assert images.crop_and_resize(images.open_image(rgba), (0, 0, 30, 30), 8).shape == (
         8,
         8,
         3,
@@ -93,15 +85,15 @@ def test_decoded_arrays_and_other_modes_become_rgb():
 
 def test_bad_images_raise_bad_record():
     with pytest.raises(BadRecord) as error:
-        transforms.open_image(b"definitely not an image")
+        images.open_image(b"definitely not an image")
     assert error.value.reason == "undecodable_image"
     with pytest.raises(BadRecord) as error:
-        transforms.open_image(_encode(_gradient(20, 10)), min_image_size=16)
+        images.open_image(_encode(_gradient(20, 10)), min_image_size=16)
     assert error.value.reason == "image_too_small"
     truncated = _encode(_gradient(300, 300))[:2000]
-    image = transforms.open_image(truncated)  # the header is fine ...
+    image = images.open_image(truncated)  # the header is fine ...
     with pytest.raises(BadRecord) as error:  # ... the pixels are not
-        transforms.crop_and_resize(image, (0, 0, 300, 300), 32)
+        images.crop_and_resize(image, (0, 0, 300, 300), 32)
     assert error.value.reason == "undecodable_image"
 
 
@@ -111,7 +103,7 @@ def test_train_and_eval_image_transforms():
     train = transforms.TrainImage(SPEC, 32, crop_scale=(0.5, 1.0)).random_map(record, rng)
     evaluated = transforms.EvalImage(SPEC, 32).map(record)
     for out in (train, evaluated):
-        assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.float32
+        assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.uint8
         assert out["captions"] == [b"x"]  # other fields pass through
     with pytest.raises(ValueError, match="crop_scale"):
         transforms.TrainImage(SPEC, 32, crop_scale=(0.0, 1.0))

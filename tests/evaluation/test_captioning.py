@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,22 +16,18 @@ from tests.helpers import SMALL_NAME, tiny_config
 NUM_TEST = 40  # images in the small build's test split
 
 
-def eval_config(**fields) -> ml_collections.ConfigDict:
+def eval_config(**fields) -> captioning.Settings:
     entry = dict(
-        kind="captioning",
         dataset=SMALL_NAME,
         split="test",
         batch_size=16,  # 3 batches of 16 over 8 devices; the last has 8 padding rows
-        every_steps=0,
-        num_examples=-1,
         decode="greedy",
-        max_len=None,
         print_examples=3,
         metrics=("bleu", "cider"),
         tokenizer="python",
     )
     entry.update(fields)
-    return ml_collections.ConfigDict(entry)
+    return captioning.Settings(**entry)
 
 
 def spelling_params(params, ids, scale: float = 5.0):
@@ -66,11 +61,10 @@ def spelling_params(params, ids, scale: float = 5.0):
 @pytest.fixture(scope="module")
 def setup(data_dir, tiny_model, tiny_params):
     config = tiny_config(data_dir)
-    mesh = sharding.make_mesh((-1, 1, 1))
-    rules = sharding.logical_rules("fsdp")
+    placement = sharding.Placement.from_config(config.mesh)
 
     def context(params, model=tiny_model):
-        return common.EvalContext(model, params, config, mesh, rules)
+        return common.EvalContext.for_model(model, params, config, placement)
 
     # The split as the evaluator sees it (real rows, in order): images and references.
     images, references = [], []
@@ -144,14 +138,11 @@ def test_random_model_matches_direct_decoding(setup, tiny_model, tiny_params):
 def test_bad_settings_fail_early(setup, tiny_model, tiny_params):
     context = setup[0]
     with pytest.raises(ValueError, match="decode"):
-        captioning.check(eval_config(decode="nucleus"))
+        eval_config(decode="nucleus")
     with pytest.raises(ValueError, match="metrics"):
-        captioning.check(eval_config(metrics=("rouge",)))
+        eval_config(metrics=("rouge",))
     with pytest.raises(ValueError, match="top_p"):
-        captioning.check(eval_config(top_p=0.0))
-    captioning.check(eval_config(decode="sample", top_k=5, top_p=0.9))
+        eval_config(top_p=0.0)
+    eval_config(decode="sample", top_k=5, top_p=0.9)
     with pytest.raises(ValueError, match="max_text_len"):
         captioning.run(context(tiny_params), eval_config(max_len=tiny_model.max_text_len + 1))
-    clip = tiny_model.clone(use_captioning=False)
-    with pytest.raises(ValueError, match="captioning head"):
-        captioning.run(context(tiny_params, clip), eval_config())

@@ -43,7 +43,7 @@ def test_bad_requests_and_checkpoints_are_named(tiny_pretrained, tmp_path):
         registry.select(config, ["vqa"])
     bad = config.copy_and_resolve_references()
     bad.evals.shapes_zeroshot.templates = "imagenet21k"
-    with pytest.raises(ValueError, match="templates must be one of"):
+    with pytest.raises(ValueError, match="shapes_zeroshot: templates='imagenet21k'; choose from"):
         registry.resolve(bad, "shapes_zeroshot")
     other = config.copy_and_resolve_references()
     other.model.embed_dim = 32

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,8 +19,8 @@ from tests.helpers import tiny_config
 @pytest.fixture(scope="module")
 def context(data_dir, tiny_model, tiny_params):
     config = tiny_config(data_dir)
-    mesh = sharding.make_mesh((-1, 1, 1))
-    return common.EvalContext(tiny_model, tiny_params, config, mesh, sharding.logical_rules("fsdp"))
+    placement = sharding.Placement.from_config(config.mesh)
+    return common.EvalContext.for_model(tiny_model, tiny_params, config, placement)
 
 
 def test_prompt_sets():
@@ -29,24 +32,58 @@ def test_prompt_sets():
     assert len(names) == 1000 and names[:2] == ["tench", "goldfish"]
 
 
-def test_classifier_is_the_normalised_mean_of_prompt_embeddings(context):
+def test_classifier_is_the_normalised_mean_of_prompt_embeddings(context, tiny_model):
     names = ["red circle", "blue square", "green star"]
     weights = zeroshot.classifier_weights(context, names, prompts.SHAPES, chunk=8)
     assert weights.shape == (3, context.config.model.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(weights, axis=1), 1.0, rtol=1e-5)
     tokenizer = load_tokenizer(None, context.config.data.name)
     tokens = tokenizer.tokenize_batch(prompts.prompts("blue square", prompts.SHAPES), 24)
-    model = context.model
-    direct = model.apply({"params": context.params}, tokens, method=model.encode_text)["embedding"]
+    direct = tiny_model.apply({"params": context.params}, tokens, method=tiny_model.encode_text)
+    direct = direct["embedding"]
     expected = np.asarray(l2_normalize(jax.numpy.mean(direct, axis=0)))
     np.testing.assert_allclose(weights[1], expected, atol=1e-5)
 
 
 def test_run_counts_every_test_image(context):
-    entry = context.config.evals.shapes_zeroshot.copy_and_resolve_references()
-    entry.dataset = context.config.data.name
-    entry.batch_size = 32
-    result = zeroshot.run(context, entry)
+    settings = zeroshot.Settings(
+        dataset=context.config.data.name, templates="shapes", batch_size=32
+    )
+    result = zeroshot.run(context, settings)
     assert result["num_examples"] == 40 and result["num_classes"] == 30
     assert 0 <= result["top1"] <= result["top5"] <= 1
     assert result["chance_top1"] == pytest.approx(1 / 30)
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Counts XLA compilations in the block (``jax.monitoring``'s backend-compile events)."""
+    events: list[str] = []
+
+    def listener(name: str, duration: float, **kwargs) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_evaluating_again_compiles_nothing(context, tiny_model, tiny_params):
+    """The training loop builds a new context for each evaluation, with new parameter arrays:
+    the predict functions' compilations are reused."""
+    settings = zeroshot.Settings(
+        dataset=context.config.data.name, templates="shapes", batch_size=24
+    )
+    with count_compilations() as first:
+        before = zeroshot.run(context, settings)
+    params = jax.tree.map(jnp.copy, tiny_params)
+    again = common.EvalContext.for_model(
+        tiny_model.clone(), params, context.config, context.placement
+    )
+    with count_compilations() as second:
+        after = zeroshot.run(again, settings)
+    assert first and not second  # no other test uses batch size 24: the first run compiled
+    assert after == before

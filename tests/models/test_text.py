@@ -25,7 +25,7 @@ def test_caption_shift_is_one_position():
 
 def test_unimodal_mask_layout():
     valid = jnp.array([[True, True, True, False, False]])
-    mask = np.asarray(unimodal_attention_mask(valid))[0, 0]
+    mask = np.asarray(unimodal_attention_mask(valid).dense(6, 6))[0, 0]
     assert mask.shape == (6, 6)
     np.testing.assert_array_equal(mask[-1], [1, 1, 1, 0, 0, 1])  # CLS: all real tokens + itself
     np.testing.assert_array_equal(mask[2], [1, 1, 1, 0, 0, 0])  # causal

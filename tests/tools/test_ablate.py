@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sycoca_jax.tools import ablate
+from sycoca_jax.tools import ablate, ablation_variants
 from tests.helpers import ROOT, SMALL_NAME
 
 
@@ -32,17 +32,17 @@ def _spec(**changes):
 
 
 def test_variant_definitions_parse_and_unknown_ones_fail():
-    name, (objective, overrides) = ablate.parse_variant(
+    name, (objective, overrides) = ablation_variants.parse_variant(
         "keep25:sycoca,model.caption_keep_ratio=0.25,model.score_mode=attention"
     )
     assert (name, objective) == ("keep25", "sycoca")
     assert overrides == {"model.caption_keep_ratio": 0.25, "model.score_mode": "attention"}
     with pytest.raises(ValueError, match="NAME:OBJECTIVE"):
-        ablate.parse_variant("keep25")
-    chosen = ablate.select_variants([], ["keep25:sycoca,model.caption_keep_ratio=0.25"])
-    assert list(chosen) == [*ablate.TABLE5, "keep25"]
+        ablation_variants.parse_variant("keep25")
+    chosen = ablation_variants.select_variants([], ["keep25:sycoca,model.caption_keep_ratio=0.25"])
+    assert list(chosen) == [*ablation_variants.TABLE5, "keep25"]
     with pytest.raises(ValueError, match="unknown variants"):
-        ablate.select_variants(["cocaa"], [])
+        ablation_variants.select_variants(["cocaa"], [])
 
 
 def test_run_configs_follow_the_spec():

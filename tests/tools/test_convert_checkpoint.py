@@ -14,6 +14,7 @@ import pytest
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import evaluate
+from sycoca_jax.models import sycoca
 from sycoca_jax.tools import convert_checkpoint
 from sycoca_jax.transfer import towers
 from tests.helpers import ROOT, config_for
@@ -47,12 +48,13 @@ def test_converted_checkpoint_evaluates_at_the_new_size(converted):
     context, step = evaluate.load_for_eval(pretrained.config, converted)
     assert step == STEP
     images = np.random.default_rng(0).normal(size=(2, 96, 96, 3)).astype(np.float32)
-    model = context.model
+    model = sycoca.from_config(context.config.model)
     encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))(
         context.params, images
     )
     assert encoded["patch_states"].shape == (2, (96 // model.patch_size) ** 2, model.image_width)
-    np.testing.assert_allclose(np.linalg.norm(encoded["embedding"], axis=-1), 1.0, rtol=1e-5)
+    embeddings = jax.jit(context.predictors.encode_images)(context.params, images)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
 
 
 def test_layout_round_trip_through_disk_is_exact(source, tmp_path):

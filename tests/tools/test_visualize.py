@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from sycoca_jax.models import pixels as model_pixels
 from sycoca_jax.tools import pictures
 
 SIZE, PATCH = 16, 4  # a 4x4 grid of patches
@@ -54,6 +55,23 @@ def test_overlays_show_exactly_the_chosen_patches():
         np.testing.assert_allclose(_patch(panels[4], index), original, atol=1)
 
 
+def test_uint8_pixels_draw_like_their_normalised_floats():
+    """Pipelines hand uint8 pixels over (the model normalises them): the same picture as from
+    the normalised floats the model sees, the reconstruction in the model's normalised space."""
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    normalised = np.asarray(model_pixels.normalize(raw))
+    hidden = np.isin(np.arange(16), [3, 7])[None]
+    prediction = rng.normal(size=(1, 16, PATCH * PATCH * 3)).astype(np.float32)
+    args = (rng.random((1, 16)), ~hidden, hidden, prediction, PATCH, 1)
+    from_raw = pictures.panel_rows(raw, *args)[0]
+    from_floats = pictures.panel_rows(normalised, *args)[0]
+    width = SIZE * 4  # image, relevance, kept, hidden: exact; the reconstruction within rounding
+    np.testing.assert_array_equal(from_raw[:, :SIZE], raw[0])
+    np.testing.assert_array_equal(from_raw[:, :width], from_floats[:, :width])
+    np.testing.assert_allclose(from_raw[:, width:], from_floats[:, width:], atol=1)
+
+
 def test_png_rows_decode_with_their_captions(tmp_path):
     rng = np.random.default_rng(1)
     images = np.stack([_image(rng) for _ in range(2)])
@@ -69,7 +87,6 @@ def test_png_rows_decode_with_their_captions(tmp_path):
 
 
 def test_visualize_writes_the_run_s_selections(tiny_pretrained, tmp_path):
-    from sycoca_jax import sharding
     from sycoca_jax.data import pipeline
     from sycoca_jax.tools import visualize
 
@@ -78,17 +95,15 @@ def test_visualize_writes_the_run_s_selections(tiny_pretrained, tmp_path):
     assert [p.name for p in paths] == ["000.png", "001.png", "002.png", "grid.png"]
     first = np.asarray(Image.open(paths[0]).convert("RGB"))
     # The "caption keeps" panel shows the patches the training forward keeps for this image.
-    context, _ = visualize.load_run(workdir)
-    model = context.model
+    model, context, _ = visualize.load_run(workdir)
     batch = pipeline.make_eval_dataset(context.config, "validation", batch_size=8)[0]
-    with sharding.model_context(context.mesh, context.rules):
+    assert batch["image"].dtype == np.uint8  # drawn as they are
+    with context.placement.context():
         views = visualize.masking_views(
             model, context.params, batch["image"], batch["tokens"], jax.random.key(0)
         )
     size, scale = model.image_size, 2
     panel = first[14 : 14 + size * scale : scale, 2 * size * scale : 3 * size * scale : scale]
-    expected = pictures.kept_view(
-        pictures.to_pixels(batch["image"][0]), np.asarray(views["kept"][0])
-    )
+    expected = pictures.kept_view(batch["image"][0], np.asarray(views["kept"][0]))
     np.testing.assert_array_equal(panel, expected)
     assert 0 < np.asarray(views["kept"][0]).sum() < model.num_patches

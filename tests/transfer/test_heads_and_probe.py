@@ -92,7 +92,7 @@ def test_predict_returns_rows_in_dataset_order():
         {"x": (row * 10.0).astype(np.float32), "index": row, "mask": row >= 0} for row in index
     ]
     mesh = sharding.make_mesh((8, 1, 1))
-    placement = trainer.Placement(mesh, sharding.logical_rules("data_parallel"))
+    placement = sharding.Placement(mesh, sharding.logical_rules("data_parallel"))
     mesh_batches = [{k: np.repeat(v, 2) for k, v in b.items()} for b in batches]  # 8 rows
     out = trainer.predict(
         placement, lambda params, b: {"y": b["x"] + 1}, None, mesh_batches, ["x"], num_threads=0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sycoca_jax.data import prepare, prepare_vqa, sources, task_pipelines, vqa_answers
+from sycoca_jax.data import converter, prepare, sources, task_pipelines, vqa_answers
 from sycoca_jax.data.tokenizer import load_tokenizer
 
 
@@ -44,8 +44,9 @@ def converted(tmp_path_factory):
     (root / "val2014").mkdir()
     _image(root / "val2014" / "COCO_val2014_000000000007.jpg")
     data_dir = str(tmp_path_factory.mktemp("vqa_tfds"))
-    args = prepare_vqa._parse(
+    args = prepare.parser().parse_args(
         [
+            "vqa",
             f"--source={train}",
             f"--official=validation={root / 'q.json'},{root / 'a.json'},{root / 'val2014'}",
             "--name=tiny_vqa",
@@ -53,7 +54,7 @@ def converted(tmp_path_factory):
             "--num_workers=0",
         ]
     )
-    return prepare_vqa.run_command(args), data_dir
+    return prepare.run_vqa(args), data_dir
 
 
 def test_conversion_groups_questions_by_image_and_counts_what_it_skips(converted):
@@ -80,7 +81,7 @@ def test_conversion_groups_questions_by_image_and_counts_what_it_skips(converted
     }
     validation = sources.open_source("tiny_vqa", "validation", data_dir)
     assert spec.questions_and_answers(validation[0]) == [("is it red?", ["yes"] * 10)]
-    with open(f"{data_dir}/tiny_vqa/1.0.0/{prepare.SUMMARY_FILE}") as f:
+    with open(f"{data_dir}/tiny_vqa/1.0.0/{converter.SUMMARY_FILE}") as f:
         assert json.load(f) == summary
 
 

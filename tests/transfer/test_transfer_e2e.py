@@ -5,6 +5,7 @@ it trained on) beats chance."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import train
+from sycoca_jax import sharding, train
 from sycoca_jax.config_args import load_config
+from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.metrics import read_metrics
 from sycoca_jax.transfer import results, towers
 from sycoca_jax.transfer import run as transfer_run
@@ -98,9 +100,15 @@ def test_linear_probe_through_the_cli(pretrained, data_dir, tmp_path):
     assert 0 <= out["splits"]["test"]["top1"] <= 1
 
 
-def test_finetune(pretrained, data_dir, tmp_path):
-    workdir = str(tmp_path / "finetune")
-    out = transfer_run.run(transfer_config("finetune", data_dir, pretrained), workdir)
+@pytest.fixture(scope="module")
+def finetuned(pretrained, data_dir, tmp_path_factory):
+    """30 uninterrupted steps of the fine-tuned classifier: (workdir, results)."""
+    workdir = str(tmp_path_factory.mktemp("finetune"))
+    return workdir, transfer_run.run(transfer_config("finetune", data_dir, pretrained), workdir)
+
+
+def test_finetune(pretrained, finetuned):
+    workdir, out = finetuned
     assert check_written(workdir, "finetune", pretrained, 30)["splits"] == out["splits"]
     assert out["num_classes"] == 30
     train_split, validation = out["splits"]["train"], out["splits"]["validation"]
@@ -113,6 +121,56 @@ def test_finetune(pretrained, data_dir, tmp_path):
     tower = ckpt.load_params(workdir, ("tower", "image_encoder"))
     before = ckpt.load_params(pretrained, "image_encoder")
     assert not (tower["patch_embedding"]["kernel"] == before["patch_embedding"]["kernel"]).all()
+
+
+STOP_STEP = 13  # neither a logging nor a checkpoint step
+
+
+def test_a_stopped_finetune_resumes_to_the_same_result(
+    pretrained, finetuned, data_dir, tmp_path, monkeypatch
+):
+    """SIGTERM while step 13's batch is drawn: the loop saves step 13 and leaves without
+    results; the same call then resumes from the workdir and ends exactly where the
+    uninterrupted run did (parameters, data order, losses, accuracies)."""
+    straight, straight_out = finetuned
+    workdir = str(tmp_path / "stopped")
+    config = transfer_config("finetune", data_dir, pretrained)
+    draw = SkipCountingIterator.__next__
+    drawn = []
+
+    def draw_with_sigterm(self):
+        drawn.append(1)
+        if len(drawn) == STOP_STEP:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler, as from a scheduler
+        return draw(self)
+
+    monkeypatch.setattr(SkipCountingIterator, "__next__", draw_with_sigterm)
+    assert transfer_run.run(config, workdir) == {}
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(workdir, results.RESULTS_FILE))
+    assert _steps(workdir) == [STOP_STEP]
+
+    out = transfer_run.run(config, workdir)
+    assert _steps(workdir) == [STOP_STEP, 30]
+    digest = ckpt.params_digest(ckpt.load_params(workdir))
+    assert digest == ckpt.params_digest(ckpt.load_params(straight))
+    assert out["splits"] == straight_out["splits"]
+    logged, expected = _train_records(workdir), _train_records(straight)
+    assert sorted(logged) == [1, 10, 20, 30]
+    for step in logged:
+        for key in ("loss", "accuracy", "data/batch_fingerprint"):
+            assert logged[step][key] == expected[step][key], (step, key)
+
+
+def _steps(workdir: str) -> list[int]:
+    checkpointer = ckpt.Checkpointer(workdir, async_save=False)
+    steps = list(checkpointer.all_steps())
+    checkpointer.close()
+    return steps
+
+
+def _train_records(workdir: str) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
 
 
 def test_vqa_with_caption_cotraining(pretrained, data_dir, tmp_path):
@@ -172,7 +230,7 @@ def test_caption_finetune_config_starts_from_every_pretrained_part(pretrained, d
     for field in ("image_depth", "text_depth", "multimodal_depth"):
         config.model[field] = 1
     config.init.checkpoint = pretrained
-    setup = train.make_setup(config, train.sharding.make_mesh((-1, 1, 1)), None)
+    setup = train.make_setup(config, sharding.Placement.from_config(config.mesh), None)
     params = setup.abstract_state["params"]
     assert set(params) == set(config.init.subtrees)  # every part of the model, no TG-MIM decoder
     for name in config.init.subtrees:  # what train.transfer_init checks before copying

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sycoca_jax.data import sources, transforms, vqa_answers
+from sycoca_jax.data import sources, vqa_answers, vqa_transforms
 from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.data.vqa_answers import answer_scores, normalize_answer, vqa_accuracy
 from sycoca_jax.transfer import vqa
@@ -115,7 +115,7 @@ def test_converter_layout_and_the_vqa_transform():
         ("how many?", ["2"]),
     ]
     tokenizer = load_tokenizer(None)
-    step = transforms.VQAQuestions(
+    step = vqa_transforms.VQAQuestions(
         spec,
         tokenizer,
         24,

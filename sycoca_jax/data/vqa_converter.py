@@ -1,4 +1,4 @@
-"""Convert COCO-style VQA data (image path + question + human answers) to ArrayRecord.
+"""The VQA converter: COCO-style VQA data (image path + question + human answers) -> ArrayRecord.
 
   python -m sycoca_jax.data.prepare vqa --source=/data/vqa/train.jsonl \\
       --source=validation=/data/vqa/val.jsonl --name=coco_vqa --data_dir=/data/tfds
@@ -12,35 +12,41 @@ folder unless absolute. Lines are grouped by image: one record per image holds `
 questions, ``answers``, all their human answers flattened, and ``answer_counts``, how many belong
 to each question (``sources.DatasetSpec.questions_and_answers`` reads this layout back).
 
-Images are checked exactly as ``prepare local`` checks them (``prepare.check_sample``: decoded in
-full, ``--min_image_size``, optional re-encoding); bad images, missing images, unreadable lines
-and questions without text or answers are skipped and counted in ``conversion_summary.json``.
+Images are checked exactly as ``prepare local`` checks them (``converter.check_sample``: decoded
+in full, ``--min_image_size``, modes converted, optional re-encoding); bad images, missing images,
+unreadable lines, text that is not UTF-8 and questions without text or answers are skipped and
+counted in ``conversion_summary.json``. The command line is ``sycoca_jax.data.prepare vqa``.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sycoca_jax.data import prepare, readers, sources
+from sycoca_jax.data import converter, readers, sources
 
 QA = tuple[str, list[str]]
 
 
-def jsonl_rows(path: str) -> Iterator[dict[str, Any] | None]:
-    """The lines of a JSONL file as dicts (None for a line that is not a JSON object); image
-    paths made absolute."""
+UNDECODABLE = "undecodable_text"  # stands for a JSONL line with bytes that are not UTF-8
+
+
+def jsonl_rows(path: str) -> Iterator[dict[str, Any] | str | None]:
+    """The lines of a JSONL file as dicts (None for a line that is not a JSON object,
+    ``UNDECODABLE`` for one that is not UTF-8); image paths made absolute."""
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line in f:
             if not line.strip():
+                continue
+            if readers.has_undecodable_text(line):
+                yield UNDECODABLE
                 continue
             try:
                 row = json.loads(line)
@@ -71,19 +77,22 @@ def official_rows(questions: str, annotations: str, image_dir: str) -> Iterator[
 
 
 def group_by_image(
-    rows: Iterable[dict[str, Any] | None], counts: collections.Counter
+    rows: Iterable[dict[str, Any] | str | None], counts: collections.Counter
 ) -> list[tuple[str, list[QA]]]:
     """``[(image path, [(question, answers), ...]), ...]`` in order of first appearance; bad
     lines and questions without text or answers are counted in ``counts``."""
     groups: dict[str, list[QA]] = {}
     for row in rows:
-        if row is None:
-            counts["unreadable_row"] += 1
+        if row is None or row == UNDECODABLE:
+            counts["unreadable_row" if row is None else UNDECODABLE] += 1
             continue
         question = str(row.get("question") or "").strip()
         answers = row.get("answers", row.get("answer"))
         answers = [answers] if isinstance(answers, str) else list(answers or [])
         answers = [str(a).strip() for a in answers if str(a).strip()]
+        if readers.has_undecodable_text(question, *answers):
+            counts[UNDECODABLE] += 1
+            continue
         if not question or not answers:
             counts["empty_question"] += 1
             continue
@@ -103,7 +112,7 @@ def _samples(groups: list[tuple[str, list[QA]]]) -> Iterator[readers.ImageText]:
         yield readers.ImageText(path, image, qas[0][0])
 
 
-class VQADataset(prepare.ImageTextDataset, skip_registration=True):
+class VQADataset(converter.ImageTextDataset, skip_registration=True):
     """Images with their questions and human answers, built from local files."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -125,15 +134,13 @@ class VQADataset(prepare.ImageTextDataset, skip_registration=True):
         )
 
     def _generate_examples(self, split: str, source: Any):
-        counts = self.counts.setdefault(split, collections.Counter())
+        counter = self.split_counter(split)
         rows = official_rows(*source) if isinstance(source, tuple) else jsonl_rows(source)
-        groups = group_by_image(rows, counts)
-        checked = prepare.checked_samples(_samples(groups), self._options)
+        groups = group_by_image(rows, counter.counts)
+        checked = converter.checked_samples(_samples(groups), self._options)
         for (path, qas), (reason, record) in zip(groups, checked, strict=True):
-            if reason is not None:
-                counts[reason] += 1
+            if not counter.admit(path, reason):
                 continue
-            counts["written"] += 1
             yield (
                 path,
                 {
@@ -144,6 +151,7 @@ class VQADataset(prepare.ImageTextDataset, skip_registration=True):
                     "answer_counts": [len(answers) for _, answers in qas],
                 },
             )
+        counter.finish(split)
 
 
 def convert_vqa(
@@ -151,7 +159,7 @@ def convert_vqa(
     *,
     name: str,
     data_dir: str | None = None,
-    options: prepare.ConversionOptions | None = None,
+    options: converter.ConversionOptions | None = None,
 ) -> dict:
     """Builds ``<data_dir>/<name>/1.0.0``; a source is a JSONL path or the official
     ``(questions, annotations, image folder)``. Returns (and writes) the summary."""
@@ -170,52 +178,4 @@ def convert_vqa(
                 if not os.path.exists(path):
                     raise FileNotFoundError(f"VQA source {path!r} does not exist")
 
-    return prepare.build_with_summary(builder, name, check_inputs)
-
-
-def add_command(commands: Any) -> None:
-    """The ``vqa`` subcommand of ``python -m sycoca_jax.data.prepare``."""
-    vqa = commands.add_parser("vqa", help="convert local VQA data (image, question, answers)")
-    vqa.add_argument(
-        "--source",
-        action="append",
-        default=[],
-        help="JSONL of questions; SPLIT=PATH for a split other than train; repeatable",
-    )
-    vqa.add_argument(
-        "--official",
-        action="append",
-        default=[],
-        help="SPLIT=QUESTIONS.json,ANNOTATIONS.json,IMAGE_FOLDER (VQAv2 files); repeatable",
-    )
-    vqa.add_argument("--name", required=True, help="dataset name, e.g. coco_vqa")
-    vqa.add_argument("--data_dir", default=None)
-    vqa.add_argument("--min_image_size", type=int, default=prepare.ConversionOptions.min_image_size)
-    vqa.add_argument("--max_image_side", type=int, default=0)
-    vqa.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
-
-
-def run_command(args: argparse.Namespace) -> dict:
-    split_sources: dict[str, Any] = dict(prepare._parse_sources(args.source))
-    for split, value in prepare._parse_sources(args.official).items():
-        parts = tuple(value.split(","))
-        if len(parts) != 3:
-            raise SystemExit(f"--official {split}={value}: expected QUESTIONS,ANNOTATIONS,IMAGES")
-        if split in split_sources:
-            raise SystemExit(f"split {split!r} given twice")
-        split_sources[split] = parts
-    if not split_sources:
-        raise SystemExit("give at least one --source or --official")
-    options = prepare.ConversionOptions(
-        min_image_size=args.min_image_size,
-        max_image_side=args.max_image_side,
-        num_workers=args.num_workers,
-    )
-    return convert_vqa(split_sources, name=args.name, data_dir=args.data_dir, options=options)
-
-
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    """For tests: parse a ``vqa`` command line alone."""
-    parser = argparse.ArgumentParser()
-    add_command(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["vqa", *argv])
+    return converter.build_with_summary(builder, name, check_inputs)

@@ -1,0 +1,249 @@
+"""Softmax attention and its kernels: XLA everywhere, cuDNN flash attention on GPUs, Pallas splash
+attention on TPUs, chosen per call by ``implementation="auto"``.
+
+Masks are structured (``AttentionMask``: causal and/or a key-validity vector) so each kernel can
+be told what it supports natively (cuDNN's causal mask, splash's causal mask and segment ids)
+instead of reading a dense (B, H, T, S) array. The KV-cache decode path builds dense masks; those
+always take the XLA path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import linen as nn
+from flax import struct
+from jax.sharding import PartitionSpec
+
+Array = jax.Array
+
+NEG_INF = -1e9  # large finite negative: keeps fully-masked rows finite (they never occur by design)
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "jax")
+SPLASH_BLOCK = 128  # splash attention's tile along both sequences (TPU lanes)
+
+
+@struct.dataclass
+class AttentionMask:
+    """Which keys each query may see: causal (key j <= query i) and/or only the keys where
+    ``key_valid`` (B, S) is True. Empty: every key."""
+
+    key_valid: Array | None = None
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+    def dense(self, q_len: int, kv_len: int) -> Array | None:
+        """As a boolean array broadcastable to (B, H, T, S), True = attend; None if empty."""
+        mask = None
+        if self.causal:
+            mask = causal_mask(q_len)[None, None] if q_len == kv_len else None
+            if mask is None:
+                raise ValueError(f"a causal mask needs equal lengths, got {q_len} and {kv_len}")
+        if self.key_valid is not None:
+            keys = self.key_valid[:, None, None, :]
+            mask = keys if mask is None else mask & keys
+        return mask
+
+
+def causal_mask(length: int) -> Array:
+    """(length, length) boolean mask, True where query i may attend to key j (j <= i)."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+def key_padding_mask(valid: Array) -> AttentionMask:
+    """(B, S) validity of keys -> a mask that hides the invalid keys from every query."""
+    return AttentionMask(key_valid=valid)
+
+
+Mask = AttentionMask | Array | None
+
+
+def _dense(mask: Mask, q_len: int, kv_len: int) -> Array | None:
+    return mask.dense(q_len, kv_len) if isinstance(mask, AttentionMask) else mask
+
+
+# ------------------------------------------------------------------------------------- choice
+def _platform() -> str:
+    """The platform the program is compiled for: the devices of the mesh in context (so a CPU
+    host compiling for a TPU slice, ``tools.compile_for``, says tpu), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return jax.default_backend() if device is None else device.platform
+
+
+def _cudnn_supports(query: Array, key: Array, mask: Mask) -> bool:
+    """cuDNN flash attention's limits (jax's check_is_flash_attention): bf16/fp16, head dim a
+    multiple of 8 up to 128, and, with a padding mask (passed as a bias), even lengths."""
+    if isinstance(mask, jax.Array) or query.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    depth = query.shape[-1]
+    if depth % 8 or depth > 128:
+        return False
+    padded = isinstance(mask, AttentionMask) and mask.key_valid is not None
+    return not (padded and (query.shape[1] % 2 or key.shape[1] % 2))
+
+
+def _splash_supports(query: Array, key: Array, mask: Mask) -> bool:
+    """Splash attention without padding: both lengths whole tiles (it runs on others too, padded,
+    when asked for by name; for short sequences XLA's fused attention is as fast)."""
+    if isinstance(mask, jax.Array):
+        return False
+    return query.shape[1] % SPLASH_BLOCK == 0 and key.shape[1] % SPLASH_BLOCK == 0
+
+
+def choose(implementation: str, query: Array, key: Array, mask: Mask) -> str:
+    """The implementation a call uses: ``auto`` picks cuDNN on GPUs and splash on TPUs where the
+    shapes and mask allow, XLA otherwise. Dense masks (the decode cache) always use XLA."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention_impl must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}"
+        )
+    if isinstance(mask, jax.Array) and implementation in ("cudnn", "splash"):
+        return "xla"
+    if implementation != "auto":
+        return implementation
+    platform = _platform()
+    if platform == "gpu" and _cudnn_supports(query, key, mask):
+        return "cudnn"
+    if platform == "tpu" and _splash_supports(query, key, mask):
+        return "splash"
+    return "xla"
+
+
+# ------------------------------------------------------------------------------ implementations
+def _xla(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
+    """Einsums with the softmax in float32."""
+    depth = query.shape[-1]
+    logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(depth))
+    if mask is not None:
+        logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, value)
+
+
+def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
+    """cuDNN's fused kernel: its own causal mask (skipping the masked blocks), padding as a bias."""
+    causal = isinstance(mask, AttentionMask) and mask.causal
+    padding = None
+    if isinstance(mask, AttentionMask) and mask.key_valid is not None:
+        padding = mask.key_valid[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=padding, is_causal=causal, implementation="cudnn"
+    )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+def _splash_local(query, key, value, key_valid, *, causal: bool, interpret: bool):
+    """Splash attention on one device's shard: (b, T, h, D) in, out; lengths padded to whole
+    tiles, padded keys hidden with segment ids."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, h, d = query.shape
+    s = key.shape[1]
+    tp, sp = _round_up(t, SPLASH_BLOCK), _round_up(s, SPLASH_BLOCK)
+    scale = 1.0 / math.sqrt(d)
+
+    def heads_first(x, length):  # (b, L, h, D) -> (b, h, L_padded, D)
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+        return x.transpose(0, 2, 1, 3)
+
+    q = heads_first(query * jnp.asarray(scale, query.dtype), tp)
+    k, v = heads_first(key, sp), heads_first(value, sp)
+    valid = jnp.ones((b, s), bool) if key_valid is None else key_valid
+    kv_ids = jnp.pad(valid, ((0, 0), (0, sp - s))).astype(jnp.int32)
+    segment_ids = splash.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=kv_ids)
+    shape = (tp, sp)
+    head_mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
+    block = min(SPLASH_BLOCK, tp, sp)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([head_mask] * h),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+    out = jax.vmap(kernel)(q, k, v, segment_ids)  # (b, h, T_padded, D)
+    return out[:, :, :t].transpose(0, 2, 1, 3)
+
+
+def _splash(query: Array, key: Array, value: Array, mask: Mask, interpret: bool) -> Array:
+    """Splash attention, one kernel per device over its share of the batch (and of the heads
+    where the rules split heads over ``tensor``): a Pallas kernel is not partitioned by XLA."""
+    causal = isinstance(mask, AttentionMask) and mask.causal
+    key_valid = mask.key_valid if isinstance(mask, AttentionMask) else None
+    local = functools.partial(_splash_local, causal=causal, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(query, key, value, key_valid)
+    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("act_batch", None, "heads", None))
+
+    def fits(axes, size):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+    batch_axes = fits(batch_axes, query.shape[0])
+    head_axes = fits(head_axes, query.shape[2])
+    qkv_spec = PartitionSpec(batch_axes, None, head_axes, None)
+    valid_spec = PartitionSpec(batch_axes, None)
+    if key_valid is None:
+        key_valid = jnp.ones(key.shape[:2], bool)
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, valid_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )
+    return run(query, key, value, key_valid)
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Mask,
+    implementation: str = "xla",
+    *,
+    interpret: bool = False,
+) -> Array:
+    """Softmax attention. q (B,T,H,D), k/v (B,S,H,D); ``mask`` an ``AttentionMask``, a boolean
+    array broadcastable to (B,H,T,S) (True = keep), or None. ``implementation``: ``auto`` (see
+    ``choose``), ``xla`` (einsums, softmax in float32), ``cudnn`` (GPU flash attention),
+    ``splash`` (TPU Pallas kernel; interpreted off TPU, or with ``interpret=True``), or
+    ``jax`` (``jax.nn.dot_product_attention``'s default)."""
+    chosen = choose(implementation, query, key, mask)
+    if chosen == "cudnn":
+        try:
+            return _cudnn(query, key, value, mask)
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            if implementation != "auto":
+                raise
+            # jax checks cuDNN's limits (its version, the GPU, the shapes) while tracing; under
+            # ``auto`` a refusal falls back to XLA for this call instead of failing the run.
+            logging.warning("cuDNN attention refused %s: %s; using XLA", query.shape, e)
+            chosen = "xla"
+    if chosen == "splash":  # interpreted (slowly, exactly) off TPU: for tests on CPU
+        return _splash(query, key, value, mask, interpret or _platform() != "tpu")
+    dense = _dense(mask, query.shape[1], key.shape[1])
+    if chosen == "jax":
+        return jax.nn.dot_product_attention(query, key, value, mask=dense)
+    return _xla(query, key, value, dense)

@@ -1,0 +1,188 @@
+"""The training loop that pretraining and transfer share.
+
+``TrainLoop`` holds a run's workdir resources (checkpointer, metric writer, data iterator) and
+runs the steps. Each step draws a host batch, places it (``device_batch``) and runs the compiled
+step; the loss terms are checked for NaN/Inf one step late (the host never waits for the step it
+has just dispatched) and always before a checkpoint; metrics with throughput and ETA are logged
+every ``config.log_every_steps``; a checkpoint (state, data position, config) is written every
+``config.checkpoint_every_steps``, at the last step, and on SIGTERM at a step every process
+agrees on, after which the loop leaves; ``evaluate`` runs after the checkpoint, so a failing
+evaluator loses no training.
+
+Where later work plugs in, once for pretraining and transfer alike:
+
+- ``TrainLoop.__init__`` / ``close``: the workdir's resources (e.g. a workdir lock);
+- ``TrainLoop.run``'s start, where the first step is known (e.g. dropping metrics logged after
+  the resumed checkpoint);
+- ``TrainLoop.device_batch``: host batch -> device (e.g. device prefetch, uint8 images);
+- ``TrainLoop.train_step``: one step (e.g. profiler steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from sycoca_jax import checkpoint as ckpt
+from sycoca_jax import hardware, sharding
+from sycoca_jax.data import pipeline
+from sycoca_jax.data.skipping import SkipCountingIterator
+from sycoca_jax.metrics import MetricWriter
+from sycoca_jax.train import preemption, progress
+
+State = dict[str, Any]
+HostBatch = dict[str, np.ndarray]
+StepFn = Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]
+# evaluate(step, state, last_step): evaluations after the step's checkpoint.
+Evaluate = Callable[[int, State, bool], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; the run stops without saving the bad state."""
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    bad = [k for k, v in metrics.items() if k.startswith("loss") and not math.isfinite(v)]
+    if bad:
+        term = next((k for k in bad if k != "loss"), "loss")
+        raise NonFiniteLossError(
+            f"{term} is {metrics[term]} at step {step}; stopping. The last checkpoint (if any) "
+            "is untouched. Lower optim.lr, raise optim.warmup_*, or check the data."
+        )
+
+
+def host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def batch_fingerprint(host_batch: HostBatch) -> int:
+    """CRC32 of this process's integer entries (captions, labels), in key order: equal across
+    runs ⇔ same data order. Images are left out: hashing them costs more than it tells."""
+    crc = 0
+    for key in sorted(host_batch):
+        value = np.asarray(host_batch[key])
+        if value.dtype.kind == "i":
+            crc = zlib.crc32(np.ascontiguousarray(value).tobytes(), crc)
+    return crc
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How ``TrainLoop.run`` ended: the state, the last logged metrics, and whether a stop
+    request (SIGTERM) ended it (the state is then saved; the run resumes from it)."""
+
+    state: State
+    metrics: dict[str, float]
+    stopped: bool
+
+
+class TrainLoop:
+    """One run in its workdir; a context manager that releases the workdir's resources.
+
+    ``config`` needs ``batch_size``, ``log_every_steps``, ``checkpoint_every_steps`` and
+    ``keep_checkpoints``; it is saved with every checkpoint. ``flops_per_step`` (global) gives
+    TFLOP/s and MFU; ``logged_keys`` are written on every log line (None where absent).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        config: ml_collections.ConfigDict,
+        placement: sharding.Placement,
+        batches: SkipCountingIterator,
+        total_steps: int,
+        *,
+        flops_per_step: float | None = None,
+        logged_keys: Sequence[str] = (),
+    ):
+        self.config = config
+        self.placement = placement
+        self.batches = batches
+        self.total_steps = total_steps
+        self.logged_keys = tuple(logged_keys)
+        self.checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints)
+        self.writer = MetricWriter(workdir)
+        self.throughput = progress.Throughput(
+            config.batch_size,
+            flops_per_step,
+            placement.num_devices,
+            hardware.peak_flops_per_device(),
+        )
+        self.last: dict[str, float] = {}
+
+    def __enter__(self) -> TrainLoop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let an in-flight checkpoint finish (whatever ended the run), then release."""
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.writer.close()
+        self.batches.close()
+
+    def device_batch(self, host_batch: HostBatch) -> dict[str, jax.Array]:
+        """A host batch as global arrays split over the placement's batch axes."""
+        return pipeline.make_global_batch(host_batch, self.placement)
+
+    def train_step(self, step_fn: StepFn, state: State) -> tuple[State, dict, HostBatch]:
+        """One step on the next batch: ``(state, metrics on device, the host batch)``."""
+        host_batch = next(self.batches)
+        state, metrics = step_fn(state, self.device_batch(host_batch))
+        return state, metrics, host_batch
+
+    def run(self, state: State, step_fn: StepFn, evaluate: Evaluate | None = None) -> Outcome:
+        """Steps from ``state``'s step to ``total_steps``, or until a stop request."""
+        step = int(jax.device_get(state["step"]))
+        self.throughput.reset(step)
+        pending: tuple[int, dict] | None = None  # the previous step's loss terms, on device
+        stopped = False
+        with preemption.StopSignal() as stop:
+            while step < self.total_steps and not stopped:
+                state, metrics, host_batch = self.train_step(step_fn, state)
+                step += 1
+                if pending is not None:
+                    check_finite(pending[0], host_metrics(pending[1]))
+                pending = (step, {k: v for k, v in metrics.items() if k.startswith("loss")})
+                if progress.is_log_step(step, self.config.log_every_steps, self.total_steps):
+                    self._log(step, metrics, host_batch)
+                stopped = stop.should_stop(step)  # once per step on every process
+                if stopped or self._checkpoint_due(step):
+                    check_finite(pending[0], host_metrics(pending[1]))  # never save a bad state
+                    self._save(step, state, force=stopped or step == self.total_steps)
+                if evaluate is not None and not stopped:
+                    self._evaluate(evaluate, step, state)
+        return Outcome(state, dict(self.last), stopped)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        return step == self.total_steps or step % self.config.checkpoint_every_steps == 0
+
+    def _save(self, step: int, state: State, force: bool) -> None:
+        self.checkpointer.save(step, state, self.batches, self.config, force=force)
+
+    def _log(self, step: int, metrics: dict[str, jax.Array], host_batch: HostBatch) -> None:
+        host = host_metrics(metrics)
+        host["data/batch_fingerprint"] = batch_fingerprint(host_batch)
+        check_finite(step, host)
+        record = {**host, **self.throughput.measure(step), **self.batches.stats.metrics()}
+        record["skipped_records"] = record.pop("data/skipped_records")
+        for key in self.logged_keys:
+            record.setdefault(key, None)
+        self.writer.write(step, record)
+        self.last = record
+        progress.log_line(step, self.total_steps, record)
+
+    def _evaluate(self, evaluate: Evaluate, step: int, state: State) -> None:
+        started = time.perf_counter()
+        evaluate(step, state, step == self.total_steps)
+        self.throughput.exclude(time.perf_counter() - started)
