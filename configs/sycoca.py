@@ -123,7 +123,7 @@ LARGE_DEFAULTS = dict(
 )
 
 OBJECTIVES = {
-    # objective: model switches and loss weights (DESIGN §2: L = ITC + 2 IC + TG-MIM).
+    # objective: model switches and loss weights (SyCoCa: L = ITC + 2 caption + TG-MIM).
     "sycoca": dict(
         model=dict(
             use_captioning=True,
@@ -197,6 +197,7 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         num_workers=2,  # threads or processes preprocessing the input; 0 = inline
         prefetch="thread",  # "thread" | "process" (grain worker processes)
         prefetch_buffer_size=2,  # batches buffered ahead (per worker with "process")
+        device_prefetch=2,  # batches sent to the devices while the step runs; 0: none
         crop_scale=(0.9, 1.0),  # random-resized-crop area fraction, training only
         min_image_size=32,  # shorter side in pixels; smaller images are skipped
         max_skipped_fraction=0.01,  # stop if more records than this are bad at load time
@@ -304,7 +305,11 @@ def train_fields(size: str, data: str) -> dict:
         eval_batches=8 if tiny else 50,
         checkpoint_every_steps=500 if tiny else 2000,
         keep_checkpoints=3,
+        profile_steps="",  # "a,b": jax.profiler trace of steps a..b into <workdir>/profile
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
+        # Resuming with fields that define the run changed (batch size, data, model, optimiser,
+        # ...) is refused; list the dotted keys accepted anyway, e.g. "optim.lr,batch_size".
+        allow_config_change="",
         # Persistent compilation cache (local or gs://); unset: $JAX_COMPILATION_CACHE_DIR, which
         # the launchers set, else none.
         compilation_cache_dir=placeholder(str),

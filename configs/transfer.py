@@ -139,6 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init = placeholder(str)  # the pretraining workdir; --init sets it
     config.init_step = placeholder(int)  # default: its latest checkpoint
     config.seed = 0
+    # Resuming with fields that define the run changed is refused; list the dotted keys
+    # accepted anyway, e.g. "optim.lr,batch_size".
+    config.allow_config_change = ""
     # How the pretrained model computes (None: as in pretraining); what it computes is fixed.
     config.model = ml_collections.ConfigDict(
         dict(dtype=placeholder(str), attention_impl=placeholder(str), remat=placeholder(str))

@@ -50,6 +50,9 @@ die() {
 }
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Where the worker's python3 is older than 3.11: uv from PyPI and the CPython it installs.
+UV_VERSION=0.13.8
+UV_PYTHON=3.11.18
 name="" zone="" accelerator="" workdir="" project="" runtime="" recipe=""
 config="configs/sycoca.py:size=B/16"
 queued=0 spot=0 skip_install=0 detach=0 dry_run=0
@@ -158,13 +161,17 @@ if [[ $skip_install -eq 0 ]]; then
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache .
   run gcloud compute tpus tpu-vm scp "$tarball" "$name:sycoca_jax.tar.gz" --worker=all \
     "${gcloud_args[@]}"
-  # jax needs Python >= 3.11; TPU VM images may ship an older python3, so fetch one with uv.
+  # jax needs Python >= 3.11; TPU VM images may ship an older python3. Then uv, pinned and
+  # installed from PyPI with pip (no remote script is run), creates the venv with a pinned
+  # CPython build, which uv checks against the SHA-256 its release records for it.
   install='set -e; rm -rf ~/sycoca_jax ~/sycoca_venv; mkdir -p ~/sycoca_jax'
   install+='; tar -xzf ~/sycoca_jax.tar.gz -C ~/sycoca_jax'
   install+='; if python3 -c "import sys; sys.exit(sys.version_info < (3, 11))"; then'
   install+=' python3 -m venv ~/sycoca_venv; else'
-  install+=' curl -LsSf https://astral.sh/uv/install.sh | sh'
-  install+=' && ~/.local/bin/uv venv --seed --python 3.11 ~/sycoca_venv; fi'
+  install+=' { python3 -m pip --version >/dev/null 2>&1 ||'
+  install+=' { sudo apt-get update -q && sudo apt-get install -y -q python3-pip; }; }'
+  install+=" && python3 -m pip install --user -q uv==$UV_VERSION"
+  install+=" && ~/.local/bin/uv venv --seed --python $UV_PYTHON ~/sycoca_venv; fi"
   install+='; ~/sycoca_venv/bin/pip install -q -U pip'
   install+="; ~/sycoca_venv/bin/pip install -q -e ~/sycoca_jax'[tpu,gcs]'"
   run gcloud compute tpus tpu-vm ssh "$name" --worker=all --command="$install" \

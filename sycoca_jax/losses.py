@@ -1,4 +1,4 @@
-"""The three SyCoCa objectives and their weighted sum (DESIGN §2), all in float32.
+"""The three SyCoCa objectives and their weighted sum, all in float32.
 
 ``total_loss`` reads the model's training outputs; a term whose weight is 0 or whose outputs are
 absent (CoCa has no TG-MIM, CLIP no captioning) is skipped and not logged.

@@ -1,5 +1,21 @@
-"""Metric output: ``workdir/metrics.jsonl`` (one object per logged step) and TensorBoard events
-(via tensorboardX, no TensorFlow). Only process 0 writes; other processes get a silent writer."""
+"""Metric output: ``workdir/metrics.jsonl`` (one JSON object per line) and TensorBoard events
+(via tensorboardX, no TensorFlow). Only process 0 writes; other processes get a silent writer.
+
+One record per step and kind, across kills and resumes. The policy is truncation: a run that
+resumes from step S calls ``resume_at(S)``, which removes every record past S (the resumed run
+writes them again) and ``resume_at(None)`` when it starts from scratch. Removed records and torn
+lines are never lost: they go to ``metrics.dropped/<time>.jsonl``.
+
+Local disks: each record is one ``write`` to a file opened for appending (a line lands whole or,
+if the process dies inside the write, is a torn last line that the next writer moves aside).
+
+Object stores (gs://, s3://): objects cannot be appended to, and rewriting a growing file per log
+step costs O(steps²). Records are buffered and written every ``flush_every_s`` (and on ``flush``
+/ ``close``) as a new object ``metrics.parts/<time>-<pid>-<id>.jsonl``; ``read_metrics`` reads
+``metrics.jsonl`` then the parts in name order; ``resume_at`` folds everything back into one
+``metrics.jsonl`` (via ``metrics.jsonl.new``, which supersedes the rest until it is renamed).
+A kill loses at most the unflushed buffer, so call ``flush`` when saving a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +23,18 @@ import importlib.util
 import json
 import math
 import os
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 from absl import logging
 from etils import epath
+
+METRICS_NAME = "metrics.jsonl"
+PARTS_DIR = "metrics.parts"
+DROPPED_DIR = "metrics.dropped"
+FLUSH_EVERY_S = 60.0
 
 
 def _plain(value: Any) -> Any:
@@ -52,12 +74,43 @@ def _summary_writer(logdir: str) -> Any:
     return SummaryWriter(logdir)
 
 
-class MetricWriter:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard; safe to resume (appends).
+def _unique_name() -> str:
+    """Sorts by creation time; unique across processes and writers."""
+    return f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
 
-    On object stores (GCS, S3) a file cannot be appended to (gcsfs silently overwrites it), so
-    there the writer keeps the file's lines and rewrites the object whole on every write.
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _parts(workdir: epath.Path) -> list[epath.Path]:
+    folder = workdir / PARTS_DIR
+    return sorted(folder.glob("*.jsonl"), key=lambda p: p.name) if folder.exists() else []
+
+
+def _record_lines(workdir: epath.Path) -> tuple[list[str], list[epath.Path]]:
+    """Every line written so far, in order, and the part objects they came from.
+
+    A ``metrics.jsonl.new`` left by a resume that died before renaming it holds everything.
     """
+    staged = workdir / f"{METRICS_NAME}.new"
+    if staged.exists():
+        return staged.read_text().splitlines(), _parts(workdir)
+    base = workdir / METRICS_NAME
+    lines = base.read_text().splitlines() if base.exists() else []
+    parts = _parts(workdir)
+    for part in parts:
+        lines.extend(part.read_text().splitlines())
+    return lines, parts
+
+
+class MetricWriter:
+    """Writes metric records to ``metrics.jsonl`` and TensorBoard (see the module docstring)."""
 
     def __init__(
         self,
@@ -65,32 +118,39 @@ class MetricWriter:
         enabled: bool | None = None,
         tensorboard: bool = True,
         appendable: bool | None = None,
+        flush_every_s: float = FLUSH_EVERY_S,
     ):
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._path = epath.Path(workdir) / "metrics.jsonl"
-        self._tb = None
-        self._lines: list[str] | None = None  # the whole file, where it is rewritten each time
-        if appendable is None:
-            appendable = not is_object_store(workdir)
-        if self.enabled:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            if not appendable:
-                existing = self._path.read_text() if self._path.exists() else ""
-                self._lines = [line for line in existing.splitlines() if line.strip()]
-            if tensorboard:
-                self._tb = _summary_writer(os.fspath(epath.Path(workdir) / "tensorboard"))
+        if enabled is None:
+            import jax
 
+            enabled = jax.process_index() == 0
+        self.enabled = enabled
+        self._workdir = epath.Path(workdir)
+        self._path = self._workdir / METRICS_NAME
+        self._tb = None
+        self._appendable = not is_object_store(workdir) if appendable is None else appendable
+        self._buffer: list[str] = []
+        self._flush_every_s = flush_every_s
+        self._flushed_at = time.monotonic()
+        if self.enabled:
+            self._workdir.mkdir(parents=True, exist_ok=True)
+            if self._appendable:
+                self._repair_torn_tail()
+            if tensorboard:
+                self._tb = _summary_writer(os.fspath(self._workdir / "tensorboard"))
+
+    # ------------------------------------------------------------------------------- write
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        line = json.dumps(record)
-        if self._lines is None:
-            with self._path.open("a") as f:
-                f.write(line + "\n")
+        line = json.dumps(record) + "\n"
+        if self._appendable:
+            self._append(line.encode())
         else:
-            self._lines.append(line)
-            self._path.write_text("\n".join(self._lines) + "\n")
+            self._buffer.append(line)
+            if time.monotonic() - self._flushed_at >= self._flush_every_s:
+                self.flush()
         if self._tb is not None:
             for key, value in record.items():
                 if (
@@ -101,20 +161,104 @@ class MetricWriter:
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
-    def write_images(self, step: int, name: str, images: Any) -> None:
-        """(B, H, W, 3) uint8 pictures to TensorBoard (nothing to ``metrics.jsonl``)."""
-        if self.enabled and self._tb is not None:
-            self._tb.add_images(name, images, int(step), dataformats="NHWC")
-            self._tb.flush()
+    def _append(self, data: bytes) -> None:
+        """One ``write`` of the whole line on an O_APPEND descriptor."""
+        fd = os.open(os.fspath(self._path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def flush(self) -> None:
+        """Object stores: write the buffered records as one new part object."""
+        self._flushed_at = time.monotonic()
+        if not self.enabled or not self._buffer:
+            return
+        folder = self._workdir / PARTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _unique_name()).write_text("".join(self._buffer))
+        self._buffer.clear()
+
+    # ------------------------------------------------------------------------------ resume
+    def resume_at(self, step: int | None) -> int:
+        """Remove the records past ``step`` (the step a run resumes from; None: the run starts
+        from scratch, so every record goes). Returns how many were removed."""
+        if not self.enabled:
+            return 0
+        self.flush()
+        lines, parts = _record_lines(self._workdir)
+        kept, dropped = [], []
+        for line in lines:
+            if not line.strip():
+                continue
+            found = _step_of(line)
+            keep = step is not None and found is not None and found <= step
+            (kept if keep else dropped).append(line)
+        staged = self._workdir / f"{METRICS_NAME}.new"
+        if not dropped and not parts and not staged.exists():
+            return 0
+        if dropped:
+            self._keep_aside(dropped, f"resumed at step {step}")
+        text = "".join(line + "\n" for line in kept)
+        if self._appendable:
+            temp = f"{os.fspath(self._path)}.{uuid.uuid4().hex}.tmp"
+            with open(temp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, os.fspath(self._path))
+        else:  # objects: the staged copy supersedes the rest until it is renamed
+            staged.write_text(text)
+        for part in parts:
+            part.unlink()
+        if not self._appendable:
+            staged.rename(self._path)
+        elif staged.exists():
+            staged.unlink()
+        return len(dropped)
+
+    def _repair_torn_tail(self) -> None:
+        """A record cut short by a kill has no newline; it would glue onto the next record."""
+        if not self._path.exists():
+            return
+        data = self._path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        end = data.rfind(b"\n") + 1
+        self._keep_aside([data[end:].decode(errors="replace")], "torn last line")
+        os.truncate(os.fspath(self._path), end)
+
+    def _keep_aside(self, lines: list[str], why: str) -> None:
+        folder = self._workdir / DROPPED_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / _unique_name()
+        path.write_text("".join(line + "\n" for line in lines))
+        logging.warning("metrics.jsonl: moved %d record(s) to %s (%s)", len(lines), path, why)
 
     def close(self) -> None:
+        self.flush()
         if self._tb is not None:
             self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of ``metrics.jsonl`` (for tests, notebooks and the benchmark)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record written to ``workdir`` (``metrics.jsonl`` and any parts not yet folded into
+    it), in order; lines that are not JSON objects (a torn line) are skipped with a warning."""
+    lines, _ = _record_lines(epath.Path(workdir))
+    records, bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        logging.warning("%s: skipped %d unreadable line(s)", workdir, bad)
+    return records

@@ -72,7 +72,8 @@ def tiny_params(tiny_model, tiny_inputs):
 @pytest.fixture(scope="session")
 def tiny_pretrained(data_dir, tmp_path_factory):
     """60 steps of the tiny config on the small build (validation and checkpoints every 30,
-    the config's downstream evals at the end): (config, workdir, last logged metrics)."""
+    the config's downstream evals at the end, steps 41-42 profiled): (config, workdir, last
+    logged metrics)."""
     from sycoca_jax import train
     from tests.helpers import tiny_config
 
@@ -85,6 +86,7 @@ def tiny_pretrained(data_dir, tmp_path_factory):
     config.eval_batches = 1
     config.checkpoint_every_steps = 30
     config.batch_size = 16
+    config.profile_steps = "41,42"  # a trace of two steps (tests/test_main.py)
     for entry in config.evals.values():
         entry.batch_size = 64
     last = train.train_and_evaluate(config, workdir)

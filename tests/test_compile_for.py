@@ -2,7 +2,7 @@
 same everywhere), and the target's devices and mesh on whatever this machine has installed.
 
 Compiling even the tiny model for a TPU takes the TPU compiler ~40 s on 2 cores, so the compile
-itself is exercised by hand (figures in the README's "Scaling out" section), not here.
+itself is exercised by hand (figures in docs/training.md, "Scaling out"), not here.
 """
 
 from __future__ import annotations

@@ -206,15 +206,16 @@ def test_object_store_paths_are_recognised():
     assert not metrics.is_object_store("/tmp/run")
 
 
-def test_where_files_cannot_be_appended_metrics_are_rewritten_whole(tmp_path):
-    """gcsfs turns append mode into overwrite: the writer keeps every line itself, also those
-    a previous run (before a resume) wrote."""
+def test_where_files_cannot_be_appended_no_record_is_lost(tmp_path):
+    """gcsfs turns append mode into overwrite: the writer adds new part objects instead, and
+    keeps those a previous run (before a resume) wrote."""
     first = metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False, appendable=False)
     first.write(1, {"loss": 3.0})
     first.write(2, {"loss": 2.5})
     first.close()
     resumed = metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False, appendable=False)
     resumed.write(3, {"loss": float("nan")})
+    resumed.close()
     assert [(r["step"], r["loss"]) for r in metrics.read_metrics(str(tmp_path))] == [
         (1, 3.0),
         (2, 2.5),

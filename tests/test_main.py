@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import sharding, train
 from sycoca_jax.metrics import read_metrics
 from sycoca_jax.tools import inspect_checkpoint
-from sycoca_jax.train import pretrain
+from sycoca_jax.train import pretrain, profiling
 from tests.helpers import ROOT, SMALL_NAME, tiny_config
 
 LOSSES = ("loss/itc", "loss/caption", "loss/tgmim")
@@ -58,6 +59,18 @@ def test_tiny_run_learns_and_logs_every_key(tiny_run):
     assert [r["step"] for r in validation] == [30, 60]
     assert any("compile/compile_seconds" in r for r in read_metrics(workdir))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_profile_steps_write_a_trace(tiny_run):
+    _, workdir, _ = tiny_run
+    traces = list(pathlib.Path(workdir, "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("text", ["0,2", "5,3", "a,b", "1,2,3"])
+def test_bad_profile_steps_are_one_line_errors(text):
+    with pytest.raises(ValueError, match="config.profile_steps"):
+        profiling.parse_steps(text)
 
 
 def test_checkpoints_and_inspection(tiny_run):

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sycoca_jax import flops, hardware, sharding
+from sycoca_jax import binaries, flops, hardware, sharding
 from sycoca_jax.models import masking, sycoca, vit
 from sycoca_jax.models.text import caption_input_and_target
 from sycoca_jax.tools.compile_for import NOMINAL_TRAIN_EXAMPLES
@@ -274,18 +274,19 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
+    config = binaries.config_from_flags()
     if not f.sweep and not f.json:
-        result = benchmark(f.config, f.steps, f.warmup)
+        result = benchmark(config, f.steps, f.warmup)
         for key, value in result.items():
             print(f"{key:<28}{value}")
         return
     try:
         points = parse_sweep(f.sweep)
         for point in points:  # a typo fails before the first compile, not after an hour
-            apply_point(f.config, point)
+            apply_point(config, point)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    results = sweep(f.config, points, f.steps, f.warmup, f.time_budget_s)
+    results = sweep(config, points, f.steps, f.warmup, f.time_budget_s)
     sys.exit(1 if any("error" in r for r in results) else 0)
 
 
@@ -306,4 +307,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

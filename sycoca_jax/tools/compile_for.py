@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
-from sycoca_jax import flops, sharding
+from sycoca_jax import binaries, flops, sharding
 from sycoca_jax.tools import roofline
 from sycoca_jax.tools.tpu_slices import TpuTarget, parse_topology
 from sycoca_jax.train import setup as train_setup
@@ -250,12 +250,11 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
     try:
         target = parse_topology(flags.FLAGS.topology)
+        config = binaries.config_from_flags()
         if flags.FLAGS.contrastive_batch:
-            report = compile_contrastive_for(
-                flags.FLAGS.config, target, flags.FLAGS.contrastive_batch
-            )
+            report = compile_contrastive_for(config, target, flags.FLAGS.contrastive_batch)
         else:
-            report = compile_for(flags.FLAGS.config, target)
+            report = compile_for(config, target)
     except TpuCompilerUnavailable as e:
         print(f"compile_for: {e}", file=sys.stderr)
         sys.exit(EXIT_NO_TPU_COMPILER)
@@ -285,4 +284,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

@@ -1,30 +1,36 @@
 r"""Print a checkpoint's step, parameter counts per part and a digest of the parameter values.
 
-  python -m sycoca_jax.tools.inspect_checkpoint WORKDIR_OR_CHECKPOINT_DIR [--step N] [--json]
+  python -m sycoca_jax.tools.inspect_checkpoint PATH [--step N] [--json]
 
-Equal parameters give equal digests, so two runs (or a run and its resumed twin) can be compared
-without loading them side by side.
+``PATH`` is a workdir, its ``checkpoints`` folder or one step folder (``checkpoints/<step>``).
+Nothing is written: the checkpoint is opened read-only. Equal parameters give equal digests, so
+two runs (or a run and its resumed twin) can be compared without loading them side by side.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from absl import app, flags
 
+from sycoca_jax import binaries
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.models import sycoca
 
 
 def inspect(path: str, step: int | None = None) -> dict[str, Any]:
-    directory = ckpt.checkpoint_dir(path)
-    checkpointer = ckpt.Checkpointer(directory.parent, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    checkpointer.close()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {directory}")
-    params = ckpt.load_params(path, step=step)
+    directory, named = ckpt.locate(path)
+    if named is not None:
+        if step is not None and step != named:
+            raise ckpt.CheckpointNotFoundError(f"{path} is step {named}, but --step={step}")
+        step = named
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ckpt.CheckpointNotFoundError(f"{directory} has no step {step} (steps: {steps})")
+    params = ckpt.load_params(os.fspath(directory), step=step)
     return {
         "step": int(step),
         "params": sycoca.param_counts(params),
@@ -53,4 +59,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

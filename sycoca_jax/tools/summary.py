@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from sycoca_jax import flops
+from sycoca_jax import binaries, flops
 from sycoca_jax.models import sycoca
 
 
@@ -66,7 +66,7 @@ def _format(summary: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = flags.FLAGS.config
+    config = binaries.config_from_flags()
     summary = summarize(config.model)
     if flags.FLAGS.xla_check:
         summary["xla_flops_per_example"] = xla_forward_flops(config.model)
@@ -91,4 +91,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)

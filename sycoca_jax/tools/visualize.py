@@ -10,7 +10,7 @@ captioner keeps, the patches TG-MIM hides, TG-MIM's reconstruction, and the refe
 generated captions (``sycoca_jax.tools.pictures``). A model without a branch shows what the
 attentive selection at that branch's ratio *would* pick (titles say so).
 
-``pictures(...)`` gives the same rows as arrays, for TensorBoard (``MetricWriter.write_images``).
+``pictures(...)`` gives the same rows as arrays (e.g. for TensorBoard).
 The tool draws SyCoCa's internals (TG-MIM's reconstruction is no predict function), so it works
 on the ``SyCoCa`` module of the run's config rather than through ``evaluation.predict``.
 """

@@ -1,21 +1,34 @@
 """The training loop that pretraining and transfer share.
 
 ``TrainLoop`` holds a run's workdir resources (checkpointer, metric writer, data iterator) and
-runs the steps. Each step draws a host batch, places it (``device_batch``) and runs the compiled
-step; the loss terms are checked for NaN/Inf one step late (the host never waits for the step it
-has just dispatched) and always before a checkpoint; metrics with throughput and ETA are logged
-every ``config.log_every_steps``; a checkpoint (state, data position, config) is written every
-``config.checkpoint_every_steps``, at the last step, and on SIGTERM at a step every process
-agrees on, after which the loop leaves; ``evaluate`` runs after the checkpoint, so a failing
-evaluator loses no training.
+runs the steps. Each step takes a batch already placed on the devices (``data``) and runs the
+compiled step; the loss terms are checked for NaN/Inf one step late (the host never waits for
+the step it has just dispatched) and always before a checkpoint; metrics with throughput and ETA
+are logged every ``config.log_every_steps``; a checkpoint (state, data position, config) is
+written every ``config.checkpoint_every_steps``, at the last step, and on SIGTERM at a step every
+process agrees on, after which the loop leaves; ``evaluate`` runs after the checkpoint, so a
+failing evaluator loses no training.
 
-Where later work plugs in, once for pretraining and transfer alike:
+What keeps a run from losing work or resuming the wrong thing, for pretraining and transfer
+alike:
 
-- ``TrainLoop.__init__`` / ``close``: the workdir's resources (e.g. a workdir lock);
-- ``TrainLoop.run``'s start, where the first step is known (e.g. dropping metrics logged after
-  the resumed checkpoint);
-- ``TrainLoop.device_batch``: host batch -> device (e.g. device prefetch, uint8 images);
-- ``TrainLoop.train_step``: one step (e.g. profiler steps).
+- ``TrainLoop.__init__``: the config's fields are checked (``config_checks.validate``, before
+  anything is read or compiled), then the workdir's lease is taken (``workdir_lock``: one run per
+  workdir; a second one stops with one line naming the holder and ``--force_unlock``), unless the
+  caller already holds it for a longer span (``lease=``); ``close`` releases what it took;
+- ``TrainLoop.resume``: the newest checkpoint that restores and passes its checksums (damaged
+  newer ones are logged and set aside), its saved config diffed against this one
+  (``config_diff``: a changed defining field is refused, an accepted or safe change is logged,
+  written to ``metrics.jsonl`` and kept in the checkpoint's history), and ``metrics.jsonl``
+  truncated past the restored step so each step keeps one record;
+- ``TrainLoop._save``: the lease is checked (a run whose workdir was taken over stops without
+  writing) and buffered metrics are flushed with each checkpoint.
+
+Where later work plugs in:
+
+- ``TrainLoop.data``: host batch -> device, ``device_prefetch`` batches ahead of the step
+  (``prefetch.DevicePrefetch``; the checkpointed data position is that of the batches consumed);
+- ``TrainLoop.train_step``: one step (``profile_steps`` traces chosen steps, ``profiling``).
 """
 
 from __future__ import annotations
@@ -30,13 +43,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import hardware, sharding
-from sycoca_jax.data import pipeline
+from sycoca_jax import config_checks, config_diff, hardware, sharding, workdir_lock
 from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.metrics import MetricWriter
-from sycoca_jax.train import preemption, progress
+from sycoca_jax.train import preemption, prefetch, profiling, progress
 
 State = dict[str, Any]
 HostBatch = dict[str, np.ndarray]
@@ -90,6 +103,11 @@ class TrainLoop:
     ``config`` needs ``batch_size``, ``log_every_steps``, ``checkpoint_every_steps`` and
     ``keep_checkpoints``; it is saved with every checkpoint. ``flops_per_step`` (global) gives
     TFLOP/s and MFU; ``logged_keys`` are written on every log line (None where absent).
+    ``batches`` is restored in place by the caller before ``run`` (nothing is prefetched until
+    the first step); ``device_prefetch`` batches are placed on the devices ahead of the step
+    that uses them; ``profile_steps`` (first, last) are traced into ``<workdir>/profile``.
+    ``lease``: the workdir's lease when the caller holds it (released by the caller); else the
+    loop takes it (``force_unlock``: from a live holder too) and releases it on ``close``.
     """
 
     def __init__(
@@ -102,12 +120,25 @@ class TrainLoop:
         *,
         flops_per_step: float | None = None,
         logged_keys: Sequence[str] = (),
+        device_prefetch: int = 2,
+        profile_steps: tuple[int, int] | None = None,
+        lease: workdir_lock.Held | None = None,
+        force_unlock: bool = False,
     ):
         self.config = config
         self.placement = placement
         self.batches = batches
         self.total_steps = total_steps
         self.logged_keys = tuple(logged_keys)
+        try:
+            config_checks.validate(config, placement.num_devices)
+            self.data = prefetch.DevicePrefetch(batches, placement, device_prefetch)
+            self.profiler = profiling.StepProfiler(profile_steps, workdir)
+            self._own_lease = lease is None
+            self.lease = lease or workdir_lock.hold_for_run(workdir, force_unlock)
+        except BaseException:
+            batches.close()  # the loop owns the iterator, however it ends
+            raise
         self.checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints)
         self.writer = MetricWriter(workdir)
         self.throughput = progress.Throughput(
@@ -126,19 +157,49 @@ class TrainLoop:
 
     def close(self) -> None:
         """Let an in-flight checkpoint finish (whatever ended the run), then release."""
-        self.checkpointer.wait()
-        self.checkpointer.close()
-        self.writer.close()
-        self.batches.close()
+        try:
+            self.profiler.stop()
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            self.writer.close()
+            self.data.close()
+        finally:
+            if self._own_lease:
+                self.lease.release()
 
-    def device_batch(self, host_batch: HostBatch) -> dict[str, jax.Array]:
-        """A host batch as global arrays split over the placement's batch axes."""
-        return pipeline.make_global_batch(host_batch, self.placement)
+    def resume(self, abstract_state: State) -> tuple[State, str] | None:
+        """The workdir's newest usable checkpoint (state, and the data position restored in
+        place) and where it came from; None when the workdir holds none. Either way
+        ``metrics.jsonl`` keeps only the records up to the step the run starts from."""
+        diffs: list[config_diff.ConfigDiff] = []
 
-    def train_step(self, step_fn: StepFn, state: State) -> tuple[State, dict, HostBatch]:
-        """One step on the next batch: ``(state, metrics on device, the host batch)``."""
-        host_batch = next(self.batches)
-        state, metrics = step_fn(state, self.device_batch(host_batch))
+        def check_config(saved: dict[str, Any] | None) -> None:
+            diffs.clear()
+            if saved is None:
+                logging.warning("the checkpoint holds no config: the resumed run is not compared")
+            else:
+                diffs.append(config_diff.diff_on_resume(saved, self.config))
+
+        restored = self.checkpointer.restore_latest(abstract_state, self.batches, check_config)
+        dropped = self.writer.resume_at(restored.step if restored else None)
+        if dropped:
+            logging.info("metrics.jsonl: %d record(s) past the restored step set aside", dropped)
+        if restored is None:
+            return None
+        if diffs and diffs[0]:
+            logging.warning("resuming with a changed config: %s", diffs[0].describe())
+            record = diffs[0].record()
+            self.writer.write(restored.step, record)
+            self.checkpointer.note({"step": restored.step, **record})
+        return restored.state, f"resumed from {self.checkpointer.directory}/{restored.step}"
+
+    def train_step(self, step_fn: StepFn, state: State, step: int) -> tuple[State, dict, HostBatch]:
+        """Step number ``step`` (1-based) on the next batch: ``(state, metrics on device, the
+        host batch)``."""
+        host_batch, device_batch = next(self.data)
+        self.profiler.before(step)
+        state, metrics = step_fn(state, device_batch)
+        self.profiler.after(step, (state, metrics))
         return state, metrics, host_batch
 
     def run(self, state: State, step_fn: StepFn, evaluate: Evaluate | None = None) -> Outcome:
@@ -149,7 +210,7 @@ class TrainLoop:
         stopped = False
         with preemption.StopSignal() as stop:
             while step < self.total_steps and not stopped:
-                state, metrics, host_batch = self.train_step(step_fn, state)
+                state, metrics, host_batch = self.train_step(step_fn, state, step + 1)
                 step += 1
                 if pending is not None:
                     check_finite(pending[0], host_metrics(pending[1]))
@@ -168,13 +229,15 @@ class TrainLoop:
         return step == self.total_steps or step % self.config.checkpoint_every_steps == 0
 
     def _save(self, step: int, state: State, force: bool) -> None:
-        self.checkpointer.save(step, state, self.batches, self.config, force=force)
+        self.lease.check()  # never write over a workdir another run has taken
+        self.writer.flush()
+        self.checkpointer.save(step, state, self.data, self.config, force=force)
 
     def _log(self, step: int, metrics: dict[str, jax.Array], host_batch: HostBatch) -> None:
         host = host_metrics(metrics)
         host["data/batch_fingerprint"] = batch_fingerprint(host_batch)
         check_finite(step, host)
-        record = {**host, **self.throughput.measure(step), **self.batches.stats.metrics()}
+        record = {**host, **self.throughput.measure(step), **self.data.stats.metrics()}
         record["skipped_records"] = record.pop("data/skipped_records")
         for key in self.logged_keys:
             record.setdefault(key, None)

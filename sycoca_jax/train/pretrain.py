@@ -12,24 +12,35 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sycoca_jax import flops, sharding
+from sycoca_jax import config_checks, flops, sharding, workdir_lock
 from sycoca_jax.data import pipeline
 from sycoca_jax.evaluation import registry
 from sycoca_jax.evaluation.common import EvalContext
 from sycoca_jax.metrics import MetricWriter
-from sycoca_jax.train import loop, preemption
-from sycoca_jax.train.setup import TrainSetup, make_setup, restore_or_init
+from sycoca_jax.train import loop, preemption, profiling
+from sycoca_jax.train.setup import TrainSetup, init_without_workdir, make_setup
 from sycoca_jax.train.step import compile_train_step, make_eval_step
 
 # Logged on every line, None for an objective without that term.
 LOSS_KEYS = ("loss/itc", "loss/caption", "loss/tgmim")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, force_unlock: bool = False
+) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last
-    logged metrics."""
+    logged metrics. The config is checked, then the workdir's lease taken (``force_unlock``:
+    from a live holder too), before any data is read."""
+    config_checks.validate(config)
     for name in config.evals.keys():
         registry.resolve(config, name)  # a bad eval entry fails now, not after hours of training
+    with workdir_lock.hold_for_run(workdir, force_unlock) as lease:
+        return _train(config, workdir, lease)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, lease: workdir_lock.Held
+) -> dict[str, float]:
     placement = sharding.Placement.from_config(config.mesh)
     batches = pipeline.make_train_iterator(config)
     setup = make_setup(config, placement, pipeline.num_train_examples(config))
@@ -42,8 +53,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         setup.total_steps,
         flops_per_step=flops_per_step,
         logged_keys=LOSS_KEYS,
+        device_prefetch=config.data.device_prefetch,
+        profile_steps=profiling.parse_steps(config.profile_steps),
+        lease=lease,
     ) as run:
-        state, origin = restore_or_init(setup, run.checkpointer, batches)
+        resumed = run.resume(setup.abstract_state)
+        state, origin = resumed or init_without_workdir(setup, batches)
         start_step = int(jax.device_get(state["step"]))
         logging.info("%s at step %d of %d", origin, start_step, setup.total_steps)
         if start_step >= setup.total_steps:

@@ -110,13 +110,13 @@ def initial_state(setup: TrainSetup, seed: int) -> State:
 def resume_latest(
     checkpointer: ckpt.Checkpointer, abstract_state: State, data_iterator: Any
 ) -> tuple[State, str] | None:
-    """The workdir's latest checkpoint (state, and the data iterator's position restored in
-    place) and where it came from; None when the workdir holds none."""
-    latest = checkpointer.latest_step()
-    if latest is None:
+    """The workdir's newest usable checkpoint (state, and the data iterator's position restored
+    in place; a damaged newer step is logged and set aside) and where it came from; None when
+    the workdir holds none. ``TrainLoop.resume`` also compares the configs and the metrics."""
+    restored = checkpointer.restore_latest(abstract_state, data_iterator)
+    if restored is None:
         return None
-    state = checkpointer.restore(latest, abstract_state, data_iterator)
-    return state, f"resumed from {checkpointer.directory}/{latest}"
+    return restored.state, f"resumed from {checkpointer.directory}/{restored.step}"
 
 
 def restore_or_init(

@@ -21,13 +21,14 @@ def main(f: flags.FlagValues) -> None:
     config = f.config
     if f.init:
         config.init = f.init
-    transfer_run.run(config, f.workdir)
+    transfer_run.run(config, f.workdir, force_unlock=f.force_unlock)
 
 
 def define_flags() -> None:
     binaries.define_flags(
         "Transfer config file.", "Where results, metrics and the head's checkpoint go."
     )
+    binaries.define_force_unlock()
     flags.DEFINE_string("init", None, "Pretraining checkpoint (workdir, or a step folder).")
 
 

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sycoca_jax import workdir_lock
 from sycoca_jax.data import pipeline, sources, task_pipelines
 from sycoca_jax.transfer import heads, inputs, results, towers, trainer
 
@@ -51,7 +52,10 @@ def classifier_task(
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    pretrained: towers.Pretrained,
+    lease: workdir_lock.Held | None = None,
 ) -> dict[str, Any] | None:
     """Trains the classifier (resuming from ``workdir``); returns the results per evaluation
     split, or None when a stop request (SIGTERM) ended training early."""
@@ -68,7 +72,7 @@ def run(
         **inputs.loader_options(config),
     )
     batches = inputs.train_iterator(dataset, config)
-    outcome = trainer.train_head(setup, workdir, batches, pretrained)
+    outcome = trainer.train_head(setup, workdir, batches, pretrained, lease)
     if outcome.stopped:
         return None
     train_counts = task_pipelines.label_counts(train_source, inputs.spec(config), num_classes)

@@ -21,7 +21,7 @@ import optax
 from absl import logging
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import sharding
+from sycoca_jax import sharding, workdir_lock
 from sycoca_jax.data import pipeline, sources
 from sycoca_jax.transfer import inputs, results, towers, trainer
 
@@ -121,7 +121,10 @@ def split_features(
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    pretrained: towers.Pretrained,
+    lease: workdir_lock.Held | None = None,
 ) -> dict[str, Any]:
     """Extracts features, fits the probes, reports, saves the kept probe (with
     ``save_checkpoint``); returns the results."""
@@ -156,6 +159,8 @@ def run(
     report = _report(features, data, num_classes, lambda x: logits(x, best))
     results.write_metrics(workdir, 0, {f"{split}/top1": r["top1"] for split, r in report.items()})
     if config.save_checkpoint:
+        if lease is not None:
+            lease.check()  # never write into a workdir another run has taken
         save_probe(workdir, probe_state, config)
     summary = {
         "num_classes": num_classes,

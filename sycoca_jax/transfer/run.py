@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from sycoca_jax import workdir_lock
 from sycoca_jax.transfer import finetune, linear_probe, results, towers, vqa
 
 # Each returns its report, or None when a stop request (SIGTERM) ended training early.
@@ -27,19 +28,29 @@ TASKS: dict[str, Callable[..., dict[str, Any] | None]] = {
 }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, force_unlock: bool = False
+) -> dict[str, Any]:
     """Runs ``config.task`` from the checkpoint ``config.init``; returns what it wrote (nothing
-    when a stop request ended it early)."""
+    when a stop request ended it early). The workdir's lease is held throughout
+    (``force_unlock``: taken from a live holder too)."""
     if config.task not in TASKS:
         raise ValueError(f"unknown transfer task {config.task!r}; known: {', '.join(TASKS)}")
     if not config.init:
         raise ValueError(
             "no pretraining checkpoint: pass --init=<pretraining workdir> (or set config.init)"
         )
+    with workdir_lock.hold_for_run(workdir, force_unlock) as lease:
+        return _run(config, workdir, lease)
+
+
+def _run(
+    config: ml_collections.ConfigDict, workdir: str, lease: workdir_lock.Held
+) -> dict[str, Any]:
     start = time.perf_counter()
     pretrained = towers.load_pretrained(config.init, config.init_step, config.model.to_dict())
     logging.info("transfer %s from %s step %d", config.task, pretrained.path, pretrained.step)
-    report = TASKS[config.task](config, workdir, pretrained)
+    report = TASKS[config.task](config, workdir, pretrained, lease)
     if report is None:
         logging.warning("stopped before the end; run the same command to resume from %s", workdir)
         return {}

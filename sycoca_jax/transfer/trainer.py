@@ -28,12 +28,11 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from sycoca_jax import durations, optim, sharding
+from sycoca_jax import durations, optim, sharding, workdir_lock
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.models import sycoca
 from sycoca_jax.train import loop
-from sycoca_jax.train import setup as train_setup
 from sycoca_jax.transfer import towers
 
 State = dict[str, Any]
@@ -172,15 +171,21 @@ def make_train_step(setup: HeadSetup) -> loop.StepFn:
 
 
 def train_head(
-    setup: HeadSetup, workdir: str, batches: SkipCountingIterator, pretrained: towers.Pretrained
+    setup: HeadSetup,
+    workdir: str,
+    batches: SkipCountingIterator,
+    pretrained: towers.Pretrained,
+    lease: workdir_lock.Held | None = None,
 ) -> loop.Outcome:
     """Trains in ``workdir`` with the pretraining loop (``train.loop.TrainLoop``: periodic
     checkpoints, SIGTERM, NaN checks, progress), resuming from the workdir's latest checkpoint
     if it holds one, else starting from ``pretrained``'s tower and a fresh head. Closes
-    ``batches``."""
+    ``batches``. ``lease``: the workdir's, when the caller holds it (else the loop takes it)."""
     config = setup.config
-    with loop.TrainLoop(workdir, config, setup.placement, batches, setup.total_steps) as run:
-        resumed = train_setup.resume_latest(run.checkpointer, setup.abstract_state, batches)
+    with loop.TrainLoop(
+        workdir, config, setup.placement, batches, setup.total_steps, lease=lease
+    ) as run:
+        resumed = run.resume(setup.abstract_state)
         state, origin = resumed or (
             initial_state(setup, pretrained, config.seed),
             f"tower from {pretrained.path} step {pretrained.step}, a new head",

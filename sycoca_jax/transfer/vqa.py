@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sycoca_jax import losses
+from sycoca_jax import losses, workdir_lock
 from sycoca_jax.data import task_pipelines, vqa_answers
 from sycoca_jax.transfer import heads, inputs, results, towers, trainer
 
@@ -186,7 +186,10 @@ def baselines(
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str, pretrained: towers.Pretrained
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    pretrained: towers.Pretrained,
+    lease: workdir_lock.Held | None = None,
 ) -> dict[str, Any] | None:
     """Trains the VQA model (resuming from ``workdir``); returns the results per evaluation
     split, or None when a stop request (SIGTERM) ended training early."""
@@ -205,7 +208,7 @@ def run(
         **inputs.loader_options(config),
     )
     batches = inputs.train_iterator(dataset, config)
-    outcome = trainer.train_head(setup, workdir, batches, pretrained)
+    outcome = trainer.train_head(setup, workdir, batches, pretrained, lease)
     if outcome.stopped:
         return None
     splits = {}
