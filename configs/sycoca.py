@@ -12,7 +12,9 @@ CoCa-Base/16 on CC3M prepared with `python -m sycoca_jax.data.prepare local ...`
 Arguments (comma separated ``key=value``; a bare word is the size):
   size       tiny | S/16 | B/16 | B/32 | L/14   (CoCa Table 1 widths; ``tiny`` for CPUs)
   objective  sycoca | coca | clip
-  data       shapes | cc3m | cc12m             (``shapes`` is the embedded default dataset)
+  data       shapes | shapes_clutter | cc3m | cc12m
+             (``shapes`` is the embedded default dataset; ``shapes_clutter`` the same scenes
+             among caption-unrelated distractors on textured backgrounds)
 """
 
 from __future__ import annotations
@@ -177,8 +179,13 @@ def model_config(size: str, objective: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+# The embedded datasets (generated on first use): data=<key> reads sycoca_shapes/<config>.
+SHAPES_DATA = {"shapes": "sycoca_shapes", "shapes_clutter": "sycoca_shapes/clutter"}
+
+
 def data_config(name: str) -> ml_collections.ConfigDict:
-    """``config.data`` for ``data=shapes|cc3m|cc12m`` (``sycoca_jax.data.pipeline`` reads it).
+    """``config.data`` for ``data=shapes|shapes_clutter|cc3m|cc12m`` (``sycoca_jax.data.pipeline``
+    reads it).
 
     Image size and caption length come from ``config.model`` (image_size, max_text_len).
     """
@@ -198,12 +205,12 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         max_skipped_fraction=0.01,  # stop if more records than this are bad at load time
         image_decoder="pil",  # "pil": we decode (bad images skipped); "tfds": TFDS decodes
     )
-    if name == "shapes":
+    if name in SHAPES_DATA:
         # 64 px PNGs decode fast: one background thread keeps up (~2k examples/s on 2 cores),
         # more threads only contend for the GIL.
         fields = dict(
             common,
-            name="sycoca_shapes",
+            name=SHAPES_DATA[name],
             eval_split="validation",
             min_image_size=16,
             max_skipped_fraction=0.0,
@@ -220,7 +227,7 @@ def data_config(name: str) -> ml_collections.ConfigDict:
             eval_split="validation" if name == "cc3m" else placeholder(str),
         )
     else:
-        raise ValueError(f"unknown data {name!r}; known: shapes, cc3m, cc12m")
+        raise ValueError(f"unknown data {name!r}; known: {', '.join(SHAPES_DATA)}, cc3m, cc12m")
     return ml_collections.ConfigDict(fields)
 
 
@@ -247,6 +254,8 @@ def evals_config(size: str, data: str) -> ml_collections.ConfigDict:
             shapes_captioning=eval_entry(
                 "captioning", "test", decode="greedy", every_steps=every, num_examples=512
             ),
+            # Does relevance find the described objects? (sycoca_jax.evaluation.mechanism)
+            shapes_mechanism=eval_entry("mechanism", "test", every_steps=every),
         )
     else:
         evals = dict(
@@ -328,6 +337,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.data = data_config(args.data)
     config.batch_size = 32 if args.size == "tiny" else 2048  # global, over all processes
-    config.update(train_fields(args.size, args.data))
-    config.evals = evals_config(args.size, args.data)
+    family = "shapes" if args.data in SHAPES_DATA else args.data  # schedule and evals
+    config.update(train_fields(args.size, family))
+    config.evals = evals_config(args.size, family)
     return config

@@ -2,6 +2,7 @@
 
   shapes.py          generator of the embedded captioned-shapes scenes (pure Python + PIL)
   shapes_builder.py  its TFDS builder (ArrayRecord, generated on first use, no download)
+  clutter.py         caption-unrelated distractors and textures of the ``clutter`` builds
   sources.py         data_dir resolution, opening TFDS data sources without TensorFlow
   tokenizer.py       SentencePiece with fixed pad/bos/eos/unk ids; ``train`` CLI; loading by
                      reference (``config.data.tokenizer``)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import zlib
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -61,7 +62,7 @@ HELD_OUT = (
 SPLITS = ("train", "validation", "test")
 NUM_CAPTIONS = 5
 NUM_QUESTIONS = 4
-_SUPERSAMPLE = 4
+SUPERSAMPLE = 4  # shapes are drawn this many times larger, then box-filtered down
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +100,14 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """Everything one dataset record holds, before image encoding."""
+    """Everything one dataset record holds, before image encoding. ``clutter`` (a
+    ``sycoca_jax.data.clutter.Clutter``) is the undescribed content of ``clutter`` builds."""
 
     scene: Scene
     captions: tuple[str, ...]
     questions: tuple[str, ...]
     answers: tuple[str, ...]
+    clutter: Any = None
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -149,18 +152,51 @@ def _allowed_pair(
 
 def render(scene: Scene, image_size: int) -> Image.Image:
     """Draws the scene (supersampled, then downsampled for smooth edges) as an RGB image."""
-    big = image_size * _SUPERSAMPLE
+    big = image_size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), scene.background)
-    draw = ImageDraw.Draw(image)
-    cell = big / 3
-    for shape, (jx, jy), angle in zip(scene.shapes, scene.jitter, scene.rotation, strict=True):
-        radius = _SIZE_RADIUS[shape.size] * cell
-        slack = cell / 2 - radius
-        row, col = divmod(shape.cell, 3)
-        cx = (col + 0.5) * cell + 0.6 * slack * jx
-        cy = (row + 0.5) * cell + 0.6 * slack * jy
-        _draw_shape(draw, shape.kind, cx, cy, radius, angle, COLOURS[shape.colour])
+    draw_shapes(ImageDraw.Draw(image), scene, big)
     return image.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def draw_shapes(draw: ImageDraw.ImageDraw, scene: Scene, side: float) -> None:
+    """Draws the scene's shapes onto a ``side`` x ``side`` canvas."""
+    for i, shape in enumerate(scene.shapes):
+        _draw_shape(draw, shape.kind, *placement(scene, i, side), COLOURS[shape.colour])
+
+
+def placement(scene: Scene, i: int, side: float) -> tuple[float, float, float, float]:
+    """(centre x, centre y, radius, rotation in degrees) of shape ``i`` on a canvas of ``side``."""
+    shape, (jx, jy) = scene.shapes[i], scene.jitter[i]
+    cell = side / 3
+    radius = _SIZE_RADIUS[shape.size] * cell
+    slack = cell / 2 - radius
+    row, col = divmod(shape.cell, 3)
+    cx = (col + 0.5) * cell + 0.6 * slack * jx
+    cy = (row + 0.5) * cell + 0.6 * slack * jy
+    return cx, cy, radius, scene.rotation[i]
+
+
+def object_masks(scene: Scene, image_size: int) -> np.ndarray:
+    """(num shapes, size, size) float32: the share of each pixel that each described shape
+    covers, rendered exactly as ``render`` draws it (supersampled, box-filtered)."""
+    big = image_size * SUPERSAMPLE
+    masks = []
+    for i, shape in enumerate(scene.shapes):
+        canvas = Image.new("L", (big, big), 0)
+        _draw_shape(ImageDraw.Draw(canvas), shape.kind, *placement(scene, i, big), 255)
+        small = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+        masks.append(np.asarray(small, np.float32) / 255.0)
+    return np.stack(masks)
+
+
+def patch_coverage(masks: np.ndarray, patch_size: int) -> np.ndarray:
+    """(K, H, W) pixel coverage -> (K, N) share of each patch covered, patches in row-major grid
+    order (the order of ``sycoca_jax.models.vit.patchify``)."""
+    k, h, w = masks.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch_size}")
+    grid = masks.reshape(k, h // patch_size, patch_size, w // patch_size, patch_size)
+    return grid.mean(axis=(2, 4)).reshape(k, -1)
 
 
 def _draw_shape(
@@ -170,7 +206,7 @@ def _draw_shape(
     cy: float,
     r: float,
     angle: float,
-    fill: tuple[int, int, int],
+    fill: tuple[int, int, int] | int,
 ) -> None:
     if kind == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -223,9 +259,10 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
+def captions(scene: Scene, rng: np.random.Generator, cluttered: bool = False) -> tuple[str, ...]:
     """Five differently phrased captions; each states colours/kinds, and between them sizes,
-    positions, the count and spatial relations."""
+    positions, the count and spatial relations. ``cluttered``: the scene has undescribed
+    content, so a lone shape is not called alone (the rng is drawn from identically)."""
     shapes = scene.shapes
     main, others = shapes[0], shapes[1:]
     count = NUMBER_WORDS[len(shapes)]
@@ -241,7 +278,8 @@ def captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
         neighbours = _join([_a(s) for s in others])
         largest = f"the largest shape is {_a(main, False)}, next to {neighbours}"
     else:
-        relation = f"{_a(main, False)} alone on a dark background"
+        alone = f"in the {main.position}" if cluttered else "alone on a dark background"
+        relation = f"{_a(main, False)} {alone}"
         largest = f"a single {main.size} {main.kind}, coloured {main.colour}"
     located = f"{picture} with a {main.kind} that is {main.colour} in the {main.position}"
     if others:

@@ -11,8 +11,17 @@ Records (``info.features``):
   ``answers``       4 texts, one answer each
   ``compositional`` true for test scenes whose main shape is a held-out colour/kind pair
 
-Config names encode every knob (``64px_train20000_val1000_test2000_seed0`` is the default), so
-datasets of different sizes live side by side under ``<data_dir>/sycoca_shapes/``.
+``clutter`` builds (``sycoca_shapes/clutter``; ``sycoca_jax.data.clutter``) add caption-unrelated
+content and two features describing it:
+
+  ``distractors``   per undescribed object: ``kind``, ``colour``, ``position`` (class labels)
+  ``background``    the background texture (class label)
+
+Config names encode every knob (``64px_train20000_val1000_test2000_seed0`` is the default,
+``clutter_64px_...`` its cluttered twin), so datasets of different sizes live side by side under
+``<data_dir>/sycoca_shapes/``. Records are a function of ``(seed, split, index)``; the index is
+in ``id``, so anything the generator knows (e.g. ``shapes.object_masks``) can be recomputed for
+a record with ``regenerate``.
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sycoca_jax.data import shapes
+from sycoca_jax.data import clutter, shapes
 
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_SPLIT_SIZES = {"train": 20_000, "validation": 1_000, "test": 2_000}
 COMPOSITIONAL_FRACTION = 0.25  # share of test scenes with a held-out main pair
 VERSION = tfds.core.Version("1.0.0")
-_NAME_PATTERN = re.compile(r"^(\d+)px_train(\d+)_val(\d+)_test(\d+)_seed(\d+)$")
+_NAME_PATTERN = re.compile(r"^(clutter_)?(\d+)px_train(\d+)_val(\d+)_test(\d+)_seed(\d+)$")
+CLUTTER_ALIAS = "clutter"  # sycoca_shapes/clutter: the default sizes with clutter
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,6 +51,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_validation: int = DEFAULT_SPLIT_SIZES["validation"]
     num_test: int = DEFAULT_SPLIT_SIZES["test"]
     seed: int = 0
+    clutter: bool = False
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
@@ -52,8 +63,10 @@ def shapes_config(
     num_validation: int = DEFAULT_SPLIT_SIZES["validation"],
     num_test: int = DEFAULT_SPLIT_SIZES["test"],
     seed: int = 0,
+    clutter: bool = False,
 ) -> ShapesConfig:
-    """A config named after its values, e.g. ``64px_train20000_val1000_test2000_seed0``."""
+    """A config named after its values, e.g. ``64px_train20000_val1000_test2000_seed0``
+    (``clutter_64px_...`` with caption-unrelated clutter)."""
     for key, value in dict(
         image_size=image_size, num_train=num_train, num_validation=num_validation, num_test=num_test
     ).items():
@@ -62,6 +75,10 @@ def shapes_config(
     if image_size < 16:
         raise ValueError(f"sycoca_shapes: image_size must be at least 16, got {image_size}")
     name = f"{image_size}px_train{num_train}_val{num_validation}_test{num_test}_seed{seed}"
+    what = "coloured shapes"
+    if clutter:
+        name = f"clutter_{name}"
+        what += " among undescribed distractors on textured backgrounds"
     return ShapesConfig(
         name=name,
         version=VERSION,
@@ -70,7 +87,8 @@ def shapes_config(
         num_validation=num_validation,
         num_test=num_test,
         seed=seed,
-        description=f"{image_size}x{image_size} scenes of 1-3 coloured shapes, seed {seed}",
+        clutter=clutter,
+        description=f"{image_size}x{image_size} scenes of 1-3 {what}, seed {seed}",
     )
 
 
@@ -79,15 +97,29 @@ def config_from_name(name: str) -> ShapesConfig:
     if name in ("sycoca_shapes", "sycoca_shapes/"):
         return shapes_config()
     config_name = name.removeprefix("sycoca_shapes/")
+    if config_name == CLUTTER_ALIAS:
+        return shapes_config(clutter=True)
     match = _NAME_PATTERN.match(config_name)
     if not match:
         raise ValueError(
-            f"bad sycoca_shapes config {config_name!r}: expected 'sycoca_shapes' or "
-            "'sycoca_shapes/<size>px_train<n>_val<n>_test<n>_seed<n>', "
-            "e.g. 'sycoca_shapes/128px_train50000_val1000_test2000_seed0'"
+            f"bad sycoca_shapes config {config_name!r}: expected 'sycoca_shapes', "
+            "'sycoca_shapes/clutter' or 'sycoca_shapes/[clutter_]<size>px_train<n>_val<n>_test<n>"
+            "_seed<n>', e.g. 'sycoca_shapes/128px_train50000_val1000_test2000_seed0'"
         )
-    size, train, val, test, seed = (int(g) for g in match.groups())
-    return shapes_config(size, train, val, test, seed)
+    size, train, val, test, seed = (int(g) for g in match.groups()[1:])
+    return shapes_config(size, train, val, test, seed, clutter=bool(match.group(1)))
+
+
+CLUTTER_FEATURES = {
+    "distractors": tfds.features.Sequence(
+        {
+            "kind": tfds.features.ClassLabel(names=clutter.DISTRACTOR_KINDS),
+            "colour": tfds.features.ClassLabel(names=clutter.DISTRACTOR_COLOUR_NAMES),
+            "position": tfds.features.ClassLabel(names=shapes.POSITIONS),
+        }
+    ),
+    "background": tfds.features.ClassLabel(names=clutter.TEXTURES),
+}
 
 
 class SycocaShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -97,7 +129,7 @@ class SycocaShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = VERSION
     RELEASE_NOTES = {"1.0.0": "First release."}
     # The default; any other ShapesConfig is accepted too (see shapes_config()).
-    BUILDER_CONFIGS = [shapes_config()]
+    BUILDER_CONFIGS = [shapes_config(), shapes_config(clutter=True)]
 
     def __init__(self, *, config: ShapesConfig | str | None = None, **kwargs):
         config = config or self.BUILDER_CONFIGS[0]
@@ -130,6 +162,7 @@ class SycocaShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     tfds.features.Text(), length=shapes.NUM_QUESTIONS
                 ),
                 "compositional": np.bool_,
+                **(CLUTTER_FEATURES if self.builder_config.clutter else {}),
             }
         )
         return tfds.core.DatasetInfo(
@@ -150,17 +183,41 @@ class SycocaShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, count: int):
         config = self.builder_config
         for index in range(count):
-            example = shapes.make_example(config.seed, split, index, COMPOSITIONAL_FRACTION)
+            example = regenerate(config, split, index)
             key = f"{split}_{index:07d}"
             yield key, record(example, key, config.image_size)
+
+
+def regenerate(config: ShapesConfig, split: str, index: int) -> shapes.Example:
+    """The example behind record ``f"{split}_{index:07d}"`` of ``config``'s build."""
+    make = clutter.make_example if config.clutter else shapes.make_example
+    return make(config.seed, split, index, COMPOSITIONAL_FRACTION)
+
+
+def parse_id(record_id: str | bytes) -> tuple[str, int]:
+    """``"test_0000042"`` -> ``("test", 42)``."""
+    text = record_id.decode() if isinstance(record_id, bytes) else str(record_id)
+    split, _, index = text.rpartition("_")
+    if split not in shapes.SPLITS or not index.isdigit():
+        raise ValueError(f"{text!r} is not a sycoca_shapes record id ('<split>_<index>')")
+    return split, int(index)
 
 
 def record(example: shapes.Example, key: str, image_size: int) -> dict:
     """The TFDS record of one generated example."""
     scene = example.scene
+    extra = {}
+    if example.clutter is not None:
+        extra = {
+            "distractors": [
+                {"kind": d.kind, "colour": d.colour, "position": d.position}
+                for d in example.clutter.distractors
+            ],
+            "background": example.clutter.texture,
+        }
     return {
         "id": key,
-        "image": shapes.encode_png(shapes.render(scene, image_size)),
+        "image": shapes.encode_png(clutter.render_example(example, image_size)),
         "captions": list(example.captions),
         "label": scene.label,
         "objects": [
@@ -170,6 +227,7 @@ def record(example: shapes.Example, key: str, image_size: int) -> dict:
         "questions": list(example.questions),
         "answers": list(example.answers),
         "compositional": scene.compositional,
+        **extra,
     }
 
 

@@ -10,7 +10,14 @@ An evaluator needs some of these, each a function of ``(params, ...)``:
 - ``masking(params, images, tokens (B, L+1), rng) -> dict``: the training branches' choices for
   these pairs, under the training forward's names: ``relevance`` (B, N) where a branch masks
   attentively, ``caption_indices`` (B, K) the patches the captioner keeps, ``tgmim_mask`` (B, N)
-  True where TG-MIM hides a patch.
+  True where TG-MIM hides a patch;
+- ``relevance_inputs(params, images, tokens (B, L+1)) -> dict``: what attentive masking scores
+  the patches from (for measuring it, whether or not a branch masks attentively):
+  ``patch_embeddings`` (B, N, E) and ``token_embeddings`` (B, T, E) (projected, not normalised),
+  ``token_valid`` (B, T), ``text_embedding`` (B, E) unit norm and the contrastive
+  ``temperature`` (); ``models.masking.relevance_scores`` of these is the training relevance;
+- ``encode_image_patches(params, images, patch_indices (B, K)) -> (B, E)``: the unit-norm
+  contrastive embedding of the images seeing only those patches (what leaving a patch out costs).
 
 A model that cannot compute one leaves it None, and the registry drops (or rejects) evaluators
 that need it. Any model can be evaluated by building ``Predictors`` from its own functions (a
@@ -45,6 +52,8 @@ class Predictors:
     encode_texts: Callable[[Any, jax.Array], jax.Array] | None = None
     caption: Callable[[Any, jax.Array, jax.Array, tuple], jax.Array] | None = None
     masking: Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]] | None = None
+    relevance_inputs: Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]] | None = None
+    encode_image_patches: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
 
     def available(self) -> frozenset[str]:
         """Names of the functions this model has."""
@@ -81,6 +90,20 @@ def _masking(
     return {k: out[k] for k in MASKING_KEYS if k in out}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _relevance_inputs(
+    model: SyCoCa, params: Any, images: jax.Array, tokens: jax.Array
+) -> dict[str, jax.Array]:
+    return model.apply({"params": params}, images, tokens, method=SyCoCa.relevance_inputs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image_patches(
+    model: SyCoCa, params: Any, images: jax.Array, patch_indices: jax.Array
+) -> jax.Array:
+    return model.apply({"params": params}, images, patch_indices, method=SyCoCa.image_embedding)
+
+
 def masks_patches(model: SyCoCa) -> bool:
     """Whether a training branch of ``model`` chooses patches (so ``masking`` has an output)."""
     captioner_masks = model.use_captioning and model.caption_masking != "none"
@@ -94,4 +117,6 @@ def for_model(model: SyCoCa) -> Predictors:
         encode_texts=functools.partial(_encode_texts, model),
         caption=functools.partial(_caption, model) if model.use_captioning else None,
         masking=functools.partial(_masking, model) if masks_patches(model) else None,
+        relevance_inputs=functools.partial(_relevance_inputs, model),
+        encode_image_patches=functools.partial(_encode_image_patches, model),
     )

@@ -11,7 +11,7 @@ captioning on a CLIP model) is dropped with one log line by ``resolve``, or, whe
 ``required`` (``python -m sycoca_jax.evaluate --evals=...`` makes the named entries required), is
 an error before any training or evaluation.
 
-Adding an evaluator (e.g. ``mechanism``), in its own module ``sycoca_jax/evaluation/<kind>.py``:
+Adding an evaluator, in its own module ``sycoca_jax/evaluation/<kind>.py``:
 
 1. ``Settings``: a frozen dataclass subclassing ``settings.EvalSettings`` with the evaluator's own
    fields and their defaults; check values in ``__post_init__`` (call ``super().__post_init__()``).
@@ -35,7 +35,15 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
-from sycoca_jax.evaluation import captioning, common, predict, retrieval, settings, zeroshot
+from sycoca_jax.evaluation import (
+    captioning,
+    common,
+    mechanism,
+    predict,
+    retrieval,
+    settings,
+    zeroshot,
+)
 from sycoca_jax.evaluation.results import check_writable, write_results  # noqa: F401
 from sycoca_jax.models import sycoca
 
@@ -50,6 +58,7 @@ EVALUATORS = {
     "zeroshot": Evaluator(zeroshot.Settings, zeroshot.run, zeroshot.NEEDS),
     "retrieval": Evaluator(retrieval.Settings, retrieval.run, retrieval.NEEDS),
     "captioning": Evaluator(captioning.Settings, captioning.run, captioning.NEEDS),
+    "mechanism": Evaluator(mechanism.Settings, mechanism.run, mechanism.NEEDS),
 }
 
 
@@ -69,7 +78,10 @@ def _settings(config: ml_collections.ConfigDict, name: str) -> settings.EvalSett
         raise ValueError(f"config.evals.{name}.kind={kind!r}; known kinds: {sorted(EVALUATORS)}")
     parsed = settings.from_entry(EVALUATORS[kind].settings, entry, f"config.evals.{name}")
     if not parsed.dataset:
-        parsed = dataclasses.replace(parsed, dataset=config.data.name)
+        try:  # the settings check the dataset too (e.g. mechanism needs sycoca_shapes)
+            parsed = dataclasses.replace(parsed, dataset=config.data.name)
+        except ValueError as e:
+            raise ValueError(f"config.evals.{name}: {e}") from e
     return parsed
 
 

@@ -13,7 +13,7 @@ from sycoca_jax.models import layers
 
 Array = jax.Array
 
-SCORE_MODES = ("max_sim", "attention")
+SCORE_MODES = ("max_sim", "attention", "centred_max_sim")
 MASKING_MODES = ("attentive", "random", "none")
 
 
@@ -31,6 +31,12 @@ def relevance_scores(
     - ``max_sim``: max over real tokens of cos(patch, token) (FILIP-style).
     - ``attention``: softmax over patches of temperature * cos(token, patch) for each real
       token, averaged over the real tokens.
+    - ``centred_max_sim``: max over the caption's words (``caption_words``) of the dot product
+      of the unit patch and word embeddings after subtracting their means (the image's mean
+      patch, the caption's mean word). What every patch of an image shares (the common mode a
+      trained ViT spreads over its background patches) and what every word shares no longer
+      counts; on ``sycoca_shapes`` this finds the described objects where ``max_sim`` ranks
+      them below the background (measured by ``sycoca_jax.evaluation.mechanism``).
     """
     p = layers.l2_normalize(jax.lax.stop_gradient(patch_embeddings))
     t = layers.l2_normalize(jax.lax.stop_gradient(token_embeddings))
@@ -43,7 +49,22 @@ def relevance_scores(
         attn = jax.nn.softmax(sim * temperature, axis=1)  # over patches
         count = jnp.maximum(jnp.sum(token_valid, axis=-1), 1)[:, None]
         return jnp.sum(jnp.where(valid, attn, 0.0), axis=-1) / count
+    if mode == "centred_max_sim":
+        words = caption_words(token_valid)
+        centred_p = p - jnp.mean(p, axis=1, keepdims=True)
+        count = jnp.maximum(jnp.sum(words, axis=-1), 1)[:, None, None]
+        mean_word = jnp.sum(jnp.where(words[..., None], t, 0.0), axis=1, keepdims=True) / count
+        centred = jnp.einsum("bne,bte->bnt", centred_p, t - mean_word)
+        return jnp.max(jnp.where(words[:, None, :], centred, -jnp.inf), axis=-1)
     raise ValueError(f"score mode must be one of {SCORE_MODES}, got {mode!r}")
+
+
+def caption_words(token_valid: Array) -> Array:
+    """(B, T) real tokens -> the caption's words: without the first (bos) and the last real
+    token (eos; kept even when a caption is truncated). Token layout: ``[bos, w..., eos, pad]``."""
+    position = jnp.arange(token_valid.shape[-1])
+    last = jnp.sum(token_valid, axis=-1, keepdims=True) - 1
+    return token_valid & (position > 0) & (position < last)
 
 
 def static_count(num_patches: int, ratio: float, what: str) -> int:

@@ -296,9 +296,10 @@ class SyCoCa(nn.Module):
         """The patch part of image-encoder states (the class token, if any, removed)."""
         return states[:, self.num_prefix_tokens :]
 
-    def _branch_states(self, images: Array, patch_states: Array, indices: Array) -> Array:
+    def _branch_states(self, images: Array, patch_states: Array | None, indices: Array) -> Array:
         """Encoder states of the patches at ``indices`` (B, K), the class token (if any) first:
-        re-encoded (the class token is always encoded) or gathered from ``patch_states``."""
+        re-encoded (the class token is always encoded; ``patch_states`` may then be None) or
+        gathered from ``patch_states``."""
         if self.branch_encoding == "reencode":
             return self.image_encoder(images, indices)
         prefix = patch_states[:, : self.num_prefix_tokens]
@@ -320,6 +321,12 @@ class SyCoCa(nn.Module):
         if self.use_captioning:
             out["image_tokens"] = self.image_tokens(patch_states)
         return out
+
+    def image_embedding(self, images: Array, patch_indices: Array | None = None) -> Array:
+        """The contrastive embedding (B, E) of the images, seeing only the patches at
+        ``patch_indices`` (B, K) when given (e.g. to measure what leaving a patch out costs)."""
+        patch_states = self.image_encoder(images, patch_indices)
+        return layers.l2_normalize(self.image_projection(self._contrastive_vector(patch_states)))
 
     def encode_text(self, tokens: Array) -> dict[str, Array]:
         """tokens (B, max_text_len + 1) -> embedding (B, E) unit norm and token_states (B, L, D)."""
@@ -343,6 +350,29 @@ class SyCoCa(nn.Module):
         token_states, _ = self.text_encoder(text_input)
         states = self.multimodal_decoder(token_states, image_tokens, return_states=True)
         return states, targets
+
+    def relevance_inputs(self, images: Array, tokens: Array) -> dict[str, Array]:
+        """What attentive masking scores patches from, for measuring it: ``patch_embeddings``
+        (B, N, E) and ``token_embeddings`` (B, T, E) (projected, not normalised), ``token_valid``
+        (B, T) (the tokens the scores read), ``text_embedding`` (B, E) and ``temperature``.
+        ``masking.relevance_scores`` of these is the training forward's ``relevance``."""
+        text_input, _ = caption_input_and_target(tokens)
+        token_states, cls_state = self.text_encoder(text_input)
+        patch_states = self.image_encoder(images)
+        return {
+            "patch_embeddings": self.patch_embeddings(patch_states),
+            "token_embeddings": self.text_projection(token_states),
+            "token_valid": text_input != self.pad_id,
+            "text_embedding": layers.l2_normalize(self.text_projection(cls_state)),
+            "temperature": self.temperature(),
+        }
+
+    def selected_image_tokens(self, images: Array, indices: Array) -> Array:
+        """The decoder's image tokens from the patches at ``indices`` (B, K) only, encoded as
+        the captioning branch sees them in training (``branch_encoding``): for captioning with
+        the training-time selection at inference."""
+        patch_states = None if self.branch_encoding == "reencode" else self.image_encoder(images)
+        return self.image_tokens(self._branch_states(images, patch_states, indices))
 
     def decode_step(self, image_tokens: Array | None, tokens: Array) -> Array:
         """With ``decode=True``: logits (B, t, V) for a chunk of new tokens (B, t), using and

@@ -63,7 +63,9 @@ def test_clip_trains_with_the_default_evaluations(clip_run):
     assert len(dropped) == 1 and dropped[0].startswith("eval shapes_captioning dropped:")
     assert "['caption']" in dropped[0]
     stored = json.loads((workdir / "eval_results.json").read_text())
-    assert set(stored) == {"shapes_zeroshot", "shapes_retrieval", "step"} and stored["step"] == 4
+    # The mechanism evaluation runs on every objective (scores as attentive masking would).
+    expected = {"shapes_zeroshot", "shapes_retrieval", "shapes_mechanism", "step"}
+    assert set(stored) == expected and stored["step"] == 4
     # The compositional scenes are reported apart (the small build's test split has some).
     zero_shot = stored["shapes_zeroshot"]
     assert zero_shot["compositional/num_examples"] + zero_shot["seen/num_examples"] == 40
@@ -94,7 +96,7 @@ def test_evaluate_a_clip_checkpoint(clip_run, tmp_path, monkeypatch):
 
     # By default: the captioning entry is dropped, the others are computed and written.
     results = evaluate.evaluate(config, str(tmp_path / "all"), checkpoint=str(workdir))
-    assert set(results) == {"shapes_zeroshot", "shapes_retrieval", "step"}
+    assert set(results) == {"shapes_zeroshot", "shapes_retrieval", "shapes_mechanism", "step"}
     stored = json.loads((tmp_path / "all" / "eval_results.json").read_text())
     assert stored["shapes_retrieval"]["mean_recall"] == results["shapes_retrieval"]["mean_recall"]
 
@@ -107,4 +109,4 @@ def test_evaluate_a_clip_checkpoint(clip_run, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="evaluator broke"):
         evaluate.evaluate(config, str(tmp_path / "partial"), checkpoint=str(workdir))
     stored = json.loads((tmp_path / "partial" / "eval_results.json").read_text())
-    assert set(stored) == {"shapes_retrieval", "step"}
+    assert set(stored) == {"shapes_mechanism", "shapes_retrieval", "step"}  # (sorted order)

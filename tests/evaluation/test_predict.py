@@ -16,7 +16,8 @@ def test_each_objective_has_the_functions_its_heads_allow():
         model = sycoca.from_config(config_for(f"tiny,objective={objective}").model)
         return predict.for_model(model).available()
 
-    both = {"encode_images", "encode_texts"}
+    # Every objective can encode and score patches against a caption (as attentive masking would).
+    both = {"encode_images", "encode_texts", "relevance_inputs", "encode_image_patches"}
     assert available("clip") == both
     assert available("coca") == both | {"caption"}  # no branch chooses patches
     assert available("sycoca") == both | {"caption", "masking"}
