@@ -308,6 +308,7 @@ def train_fields(size: str, data: str) -> dict:
         checkpoint_every_steps=500 if tiny else 2000,
         keep_checkpoints=3,
         profile_steps="",  # "a,b": jax.profiler trace of steps a..b into <workdir>/profile
+        tensorboard_pictures=4,  # images drawn to TensorBoard when evals run (train/pictures.py)
         resume=placeholder(str),  # a checkpoint to continue from when the workdir has none
         # Resuming with fields that define the run changed (batch size, data, model, optimiser,
         # ...) is refused; list the dotted keys accepted anyway, e.g. "optim.lr,batch_size".

@@ -309,6 +309,7 @@ def _cadence(p: _Problems) -> None:
     if _is_int(p.value("eval_every_steps")) and p.value("eval_every_steps") > 0:
         p.positive_int("eval_batches")
     p.positive_int("keep_checkpoints", optional=True)
+    p.non_negative_int("tensorboard_pictures", " (0 = none)")
     p.check("profile_steps", _profile_steps_ok, "FIRST,LAST with 1 <= FIRST <= LAST, or empty")
 
 

@@ -50,6 +50,11 @@ SAFE_FIELDS = (
     "data.eval_split",
     "data.prefetch_buffer_size",
     "data.max_skipped_fraction",
+    "data.device_prefetch",
+    "compilation_cache_dir",
+    # Observation only.
+    "profile_steps",
+    "tensorboard_pictures",
     # Kernels and memory choices that compute the same function.
     "model.attention_impl",
     "model.remat",

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -159,6 +160,12 @@ class MetricWriter:
                     and not isinstance(value, bool)
                 ):
                     self._tb.add_scalar(key, value, int(step))
+            self._tb.flush()
+
+    def write_images(self, step: int, tag: str, images: np.ndarray) -> None:
+        """(N, H, W, 3) uint8 images under ``tag`` in TensorBoard (not in ``metrics.jsonl``)."""
+        if self._tb is not None:
+            self._tb.add_images(tag, np.asarray(images), int(step), dataformats="NHWC")
             self._tb.flush()
 
     def _append(self, data: bytes) -> None:

@@ -3,10 +3,12 @@ resume after SIGTERM and after kill -9, and the errors a user meets first."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 
 from sycoca_jax import checkpoint as ckpt
@@ -71,6 +74,37 @@ def test_profile_steps_write_a_trace(tiny_run):
 def test_bad_profile_steps_are_one_line_errors(text):
     with pytest.raises(ValueError, match="config.profile_steps"):
         profiling.parse_steps(text)
+
+
+def _tensorboard_images(workdir: str) -> dict[str, list]:
+    """Image summaries in the run's TensorBoard event files (TFRecord framing: length, its
+    CRC, the Event proto, its CRC), by tag."""
+    from tensorboardX.proto import event_pb2
+
+    found: dict[str, list] = {}
+    for path in pathlib.Path(workdir, "tensorboard").glob("events.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    found.setdefault(value.tag, []).append((event.step, value.image))
+    return found
+
+
+def test_masking_pictures_go_to_tensorboard_when_evals_run(tiny_run):
+    config, workdir, _ = tiny_run
+    images = _tensorboard_images(workdir)
+    assert [step for step, _ in images["pictures/masking"]] == [config.total_steps]
+    _, image = images["pictures/masking"][0]
+    size = config.model.image_size
+    # One row per picture, five panels side by side (image, relevance, kept, hidden, TG-MIM).
+    assert (image.width, image.height) == (5 * size, config.tensorboard_pictures * size)
+    decoded = np.asarray(PIL.Image.open(io.BytesIO(image.encoded_image_string)))
+    assert decoded.shape == (config.tensorboard_pictures * size, 5 * size, 3)
+    assert decoded.std() > 0
 
 
 def test_checkpoints_and_inspection(tiny_run):

@@ -17,7 +17,7 @@ from sycoca_jax.data import pipeline
 from sycoca_jax.evaluation import registry
 from sycoca_jax.evaluation.common import EvalContext
 from sycoca_jax.metrics import MetricWriter
-from sycoca_jax.train import loop, preemption, profiling
+from sycoca_jax.train import loop, pictures, preemption, profiling
 from sycoca_jax.train.setup import TrainSetup, init_without_workdir, make_setup
 from sycoca_jax.train.step import compile_train_step, make_eval_step
 
@@ -82,6 +82,7 @@ def _evaluator(setup: TrainSetup, workdir: str, writer: MetricWriter) -> loop.Ev
     """Validation losses every ``eval_every_steps`` and the ``config.evals`` that are due."""
     config = setup.config
     eval_step = make_eval_step(setup)
+    draw = pictures.picture_writer(setup, writer)
 
     def evaluate(step: int, state: loop.State, last_step: bool) -> None:
         if config.eval_every_steps and step % config.eval_every_steps == 0:
@@ -91,6 +92,8 @@ def _evaluator(setup: TrainSetup, workdir: str, writer: MetricWriter) -> loop.Ev
             results = registry.run(eval_context(setup, state["params"]), due)
             writer.write(step, registry.flatten(results))
             registry.write_results(workdir, step, results)
+            if draw is not None:
+                draw(step, state["params"])
 
     return evaluate
 
