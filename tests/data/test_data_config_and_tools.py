@@ -23,7 +23,12 @@ def test_data_configs():
     assert tiny.data.name == "sycoca_shapes" and tiny.batch_size == 32
     assert tiny.data.tokenizer is None and tiny.data.data_dir is None
     assert "image_size" not in tiny.data and "max_text_len" not in tiny.data
-    assert {e.kind for e in tiny.evals.values()} == {"retrieval", "captioning", "zeroshot"}
+    assert {e.kind for e in tiny.evals.values()} == {
+        "retrieval",
+        "captioning",
+        "zeroshot",
+        "mechanism",
+    }
     cc3m = _load("size=B/16,data=cc3m")
     assert cc3m.data.name == "cc3m" and cc3m.batch_size == 2048
     assert cc3m.data.prefetch == "process" and cc3m.data.eval_split == "validation"
