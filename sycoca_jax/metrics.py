@@ -162,10 +162,10 @@ class MetricWriter:
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
 
-    def write_images(self, step: int, tag: str, images: np.ndarray) -> None:
-        """(N, H, W, 3) uint8 images under ``tag`` in TensorBoard (not in ``metrics.jsonl``)."""
+    def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """An (H, W, 3) uint8 image under ``tag`` in TensorBoard (not in ``metrics.jsonl``)."""
         if self._tb is not None:
-            self._tb.add_images(tag, np.asarray(images), int(step), dataformats="NHWC")
+            self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
             self._tb.flush()
 
     def _append(self, data: bytes) -> None:

@@ -58,6 +58,6 @@ def picture_writer(setup: TrainSetup, writer: MetricWriter) -> Callable[[int, An
             scale=1,
             normalised_targets=model.norm_pix_loss,
         )
-        writer.write_images(step, TAG, rows)
+        writer.write_image(step, TAG, np.concatenate(list(rows), axis=0))  # one row per image
 
     return write
