@@ -9,13 +9,12 @@ Damage never goes unnoticed: every step carries a checksum of each array of the 
 the newest step and, when it cannot be read or fails its checksums, logs why and tries the next
 older one; the damaged steps are moved to ``checkpoints/damaged/`` (nothing is deleted). It never
 starts a run from scratch while checkpoints exist: if none can be read it raises, listing each
-step and why.
+step and why. Those rules and their errors are ``checkpoint_integrity``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,11 +24,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from sycoca_jax import checkpoint_integrity as integrity
 from sycoca_jax import checksums
 from sycoca_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "damaged"
 
 
 class IncompatibleCheckpointError(UserError, ValueError):
@@ -38,14 +37,6 @@ class IncompatibleCheckpointError(UserError, ValueError):
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
     """No checkpoint where the user pointed."""
-
-
-class CheckpointDamagedError(UserError):
-    """One step cannot be restored: a file is missing, torn or fails its checksum."""
-
-
-class NoUsableCheckpointError(UserError):
-    """Checkpoints exist but none can be restored."""
 
 
 def _handlers() -> dict[str, Any]:
@@ -81,49 +72,6 @@ def locate(path: str) -> tuple[epath.Path, int | None]:
             f"step folder {CHECKPOINT_DIR}/<step>)"
         )
     return directory, None
-
-
-def _cause(error: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: the innermost cause (the storage layer's own words, e.g.
-    which array could not be read), without TensorStore's spec dump."""
-    root = error
-    while root.__cause__ is not None:
-        root = root.__cause__
-    text = " ".join(str(root).split()) or "no message"
-    for noise in (" [tensorstore_spec=", " See full TensorStore details"):
-        text = text.split(noise)[0]
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(root).__name__}: {text}"
-
-
-def _every_process(ok: bool) -> bool:
-    """Whether ``ok`` holds on every process (each reads only its own shards)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
-def _move(source: epath.Path, target: epath.Path) -> None:
-    """Rename a folder; where the store cannot rename folders (object stores), copy it file by
-    file and then remove the original."""
-    try:
-        source.rename(target)
-        return
-    except OSError:
-        pass
-
-    def copy(src: epath.Path, dst: epath.Path) -> None:
-        dst.mkdir(parents=True, exist_ok=True)
-        for child in src.iterdir():
-            if child.is_dir():
-                copy(child, dst / child.name)
-            else:
-                (dst / child.name).write_bytes(child.read_bytes())
-
-    copy(source, target)
-    source.rmtree()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,18 +187,13 @@ class Checkpointer:
             raise
         except Exception as error:
             failure = error
-        if not _every_process(failure is None):
+        if not integrity.every_process(failure is None):
             if failure is not None:
                 raise failure
-            raise CheckpointDamagedError(f"step {step}: another process could not read its part")
-        if manifest is None:
-            logging.warning(
-                "checkpoint step %d has no checksums (an older save): not verified", step
+            raise integrity.CheckpointDamagedError(
+                f"step {step}: another process could not read its part"
             )
-        else:
-            bad = checksums.mismatches(manifest, state)
-            if bad:
-                raise CheckpointDamagedError(f"checksum mismatch in {bad}")
+        integrity.verify(step, manifest, state)
         return state
 
     def _restore_here(
@@ -258,14 +201,16 @@ class Checkpointer:
     ) -> tuple[Any, dict[str, Any] | None]:
         """This process's part of a step (no collective): (state, checksum manifest or None)."""
         if not self._has_item(step, "state"):
-            raise CheckpointDamagedError(f"step {step} has no state (an empty or partial folder)")
+            raise integrity.CheckpointDamagedError(
+                f"step {step} has no state (an empty or partial folder)"
+            )
         handler = ocp.StandardCheckpointHandler()
         try:
             found = handler.metadata(self.directory / str(step) / "state")
         finally:
             handler.close()
         if found is None or "params" not in found:
-            raise CheckpointDamagedError(f"step {step} has no readable state metadata")
+            raise integrity.CheckpointDamagedError(f"step {step} has no readable state metadata")
         mismatch = describe_mismatch(abstract_state["params"], found["params"])
         if mismatch:
             raise IncompatibleCheckpointError(
@@ -319,8 +264,8 @@ class Checkpointer:
                 config = self._restore_json(step, "config")
                 history = self._restore_json(step, "history")
             except Exception as error:
-                cause = f"config: {_cause(error)}"
-            if not _every_process(cause is None):
+                cause = f"config: {integrity.cause(error)}"
+            if not integrity.every_process(cause is None):
                 failed(step, cause or "another process could not read its config")
                 continue
             if check_config is not None:
@@ -330,7 +275,7 @@ class Checkpointer:
             except IncompatibleCheckpointError:
                 raise
             except Exception as error:
-                failed(step, _cause(error))
+                failed(step, integrity.cause(error))
                 continue
             if failures and set_aside:
                 self._set_aside([s for s, _ in failures])
@@ -338,26 +283,16 @@ class Checkpointer:
             return Restored(step, state, config)
         if failures:
             listing = "; ".join(f"step {s}: {c}" for s, c in failures)
-            raise NoUsableCheckpointError(
+            raise integrity.NoUsableCheckpointError(
                 f"no checkpoint under {self.directory} can be restored ({listing}). Repair or "
                 f"move them away to start afresh, or point --workdir elsewhere"
             )
         return None
 
     def _set_aside(self, steps: Sequence[int]) -> None:
-        """Move damaged steps to ``damaged/<step>-<time>`` (process 0), then let every process
-        see the remaining ones."""
-        if jax.process_index() == 0:
-            folder = self.directory / DAMAGED_DIR
-            folder.mkdir(parents=True, exist_ok=True)
-            for step in steps:
-                target = folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                _move(self.directory / str(step), target)
-                logging.warning("moved damaged checkpoint step %d to %s", step, target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("sycoca_checkpoint_set_aside")
+        """Move damaged steps to ``damaged/`` (``checkpoint_integrity.set_aside``), then let every
+        process see the remaining ones."""
+        integrity.set_aside(self.directory, steps)
         self._manager.reload()
 
     def wait(self) -> None:
@@ -442,21 +377,7 @@ def load_params(
     if has_sums:
         bad = checksums.mismatches(restored[checksums.ITEM], restored["state"])
         if bad:
-            raise CheckpointDamagedError(
+            raise integrity.CheckpointDamagedError(
                 f"checkpoint {directory / str(step)}: checksum mismatch in {bad}"
             )
     return _pick(restored["state"]["params"], subtree, "restored state")
-
-
-def params_digest(params: Any) -> str:
-    """SHA-256 over every parameter's path, dtype, shape and bytes: equal params ⇔ equal digest."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-    for path, leaf in sorted(flat, key=lambda item: jax.tree_util.keystr(item[0])):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()

@@ -23,7 +23,7 @@ from sycoca_jax import binaries, sharding
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.evaluation import common, registry
 from sycoca_jax.metrics import MetricWriter
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 
 
 def load_for_eval(
@@ -31,8 +31,8 @@ def load_for_eval(
 ) -> tuple[common.EvalContext, int]:
     """The model of ``config`` with a checkpoint's parameters, sharded on the config's mesh."""
     placement = sharding.Placement.from_config(config.mesh)
-    model = sycoca.from_config(config.model)
-    boxed = sycoca.abstract_params(model, boxed=True)
+    model = build.from_config(config.model)
+    boxed = build.abstract_params(model, boxed=True)
     step, found = ckpt.params_metadata(path, step)
     mismatch = ckpt.describe_mismatch(nn.unbox(boxed), found)
     if mismatch:

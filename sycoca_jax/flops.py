@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sycoca_jax.models import masking, sycoca
+from sycoca_jax.models import build, masking
 
 
 def _dense(tokens: int, d_in: int, d_out: int) -> int:
@@ -76,7 +76,7 @@ def _pool_flops(m: Mapping[str, Any], num_tokens: int, contrastive: bool, captio
 
 def forward_flops_per_example(m: Mapping[str, Any]) -> dict[str, int]:
     """Forward FLOPs of one training example, by part, plus ``total``."""
-    m = sycoca.model_fields(m)
+    m = build.model_fields(m)
     n = (m["image_size"] // m["patch_size"]) ** 2
     t = m["max_text_len"]
     w, dv, e = m["text_width"], m["image_width"], m["embed_dim"]

@@ -21,7 +21,7 @@ from absl import flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from sycoca_jax.data import shapes_builder  # noqa: E402
-from sycoca_jax.models import sycoca  # noqa: E402
+from sycoca_jax.models import build  # noqa: E402
 from tests.helpers import SMALL, config_for, random_tokens  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def tiny_model_config():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_config):
-    return sycoca.from_config(tiny_model_config)
+    return build.from_config(tiny_model_config)
 
 
 @pytest.fixture(scope="session")

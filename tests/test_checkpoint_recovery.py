@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import checksums
+from sycoca_jax import checkpoint_integrity, checksums
 
 
 def _mesh():
@@ -174,14 +174,16 @@ def test_flipped_bytes_are_detected_not_restored(workdir):
     """Today's code restored the inverted bytes as values; the checksum names the array."""
     _invert_64_bytes(workdir)
     checkpointer = ckpt.Checkpointer(workdir, async_save=False)
-    with pytest.raises(ckpt.CheckpointDamagedError, match="checksum mismatch in (opt|params)"):
+    with pytest.raises(
+        checkpoint_integrity.CheckpointDamagedError, match="checksum mismatch in (opt|params)"
+    ):
         checkpointer.restore(2, _abstract(_state(0)), _iterator(0))
     checkpointer.close()
 
 
 def test_swapped_arrays_are_caught_when_loading_parameters_too(workdir):
     _swap_in_step_1_arrays(workdir)
-    with pytest.raises(ckpt.CheckpointDamagedError, match="params/"):
+    with pytest.raises(checkpoint_integrity.CheckpointDamagedError, match="params/"):
         ckpt.load_params(workdir, step=2)
     np.testing.assert_array_equal(ckpt.load_params(workdir, step=1)["b"], np.arange(3.0) + 1)
 
@@ -190,7 +192,9 @@ def test_every_step_unreadable_is_an_error_naming_each(workdir):
     for step in (1, 2):
         shutil.rmtree(_step_dir(workdir, step) / "data")
     checkpointer = ckpt.Checkpointer(workdir, async_save=False)
-    with pytest.raises(ckpt.NoUsableCheckpointError, match=r"step 2: .*data.*; step 1: .*data"):
+    with pytest.raises(
+        checkpoint_integrity.NoUsableCheckpointError, match=r"step 2: .*data.*; step 1: .*data"
+    ):
         checkpointer.restore_latest(_abstract(_state(0)), _iterator(0))
     assert list(checkpointer.all_steps()) == [1, 2]  # nothing moved when nothing restored
     checkpointer.close()

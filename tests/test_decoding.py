@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sycoca_jax import decoding
+from sycoca_jax import decoding, decoding_steps
 from sycoca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SENTENCEPIECE_IDS, SpecialIds
-from sycoca_jax.models import convert
+from sycoca_jax.models import build, convert
 
 MAX_LEN = 16
 MIN_LEN = 2
@@ -113,7 +113,7 @@ def sample_fn(setup):
 
 
 def _log_softmax(logits, step):
-    masked = decoding.mask_logits(logits, step, MIN_LEN, special=SENTENCEPIECE_IDS)
+    masked = decoding_steps.mask_logits(logits, step, MIN_LEN, special=SENTENCEPIECE_IDS)
     return np.asarray(jax.nn.log_softmax(masked, axis=-1))
 
 
@@ -298,7 +298,7 @@ def test_scanned_blocks_decode_the_same(setup, beam3_fn):
     expands and reorders the cache as the unrolled model does."""
     model, params, image_tokens = setup
     scanned, stacked = model.clone(scan=True), convert.to_scanned(params)
-    cache = jax.eval_shape(lambda: decoding.init_decode_cache(scanned, 2))
+    cache = jax.eval_shape(lambda: build.init_decode_cache(scanned, 2))
     index = cache["multimodal_decoder"]["decoder"]["blocks"]["self_attention"]["index"]
     assert index.shape == (model.multimodal_depth,)  # the layout the decoder must handle
     scanned_beam = jit_beam(scanned, 3)
@@ -356,7 +356,7 @@ def test_sampling_filters():
     log_probs = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
     def kept(**kw):
-        return np.isfinite(np.asarray(decoding.sampling_logits(log_probs, **kw)))[0].tolist()
+        return np.isfinite(np.asarray(decoding_steps.sampling_logits(log_probs, **kw)))[0].tolist()
 
     assert kept() == [True] * 4
     assert kept(top_k=2) == [True, True, False, False]
@@ -364,7 +364,7 @@ def test_sampling_filters():
     assert kept(top_p=0.5) == [True, False, False, False]
     assert kept(top_p=1e-9) == [True, False, False, False]  # the best token always stays
     assert kept(top_k=3, top_p=0.9) == [True, True, True, False]
-    tempered = jax.nn.softmax(decoding.sampling_logits(log_probs, temperature=2.0))
+    tempered = jax.nn.softmax(decoding_steps.sampling_logits(log_probs, temperature=2.0))
     np.testing.assert_allclose(tempered, jax.nn.softmax(log_probs / 2.0), rtol=1e-6)
 
 
@@ -391,17 +391,17 @@ def test_cache_expand_and_reorder(layers):
         return np.asarray(x)[(0,) * len(lead) + (slice(None), 0, 0, 0)]
 
     source = jnp.array([[2, 2, 0], [1, 0, 0]])
-    out = decoding.reorder_cache(cache, source)
+    out = decoding_steps.reorder_cache(cache, source)
     np.testing.assert_array_equal(rows_of(out["block"]["cached_key"]), [2, 2, 0, 4, 3, 3])
     np.testing.assert_array_equal(rows_of(out["block"]["cached_value"]) - 100, [2, 2, 0, 4, 3, 3])
     np.testing.assert_array_equal(out["block"]["context_key"], cache["block"]["context_key"])
     batch_axis = len(lead)
     two_images = leaf(rows)[(slice(None),) * batch_axis + (slice(0, 2),)]
-    expanded = decoding.expand_cache({"cached_key": two_images}, 3)["cached_key"]
+    expanded = decoding_steps.expand_cache({"cached_key": two_images}, 3)["cached_key"]
     assert expanded.shape[batch_axis] == 6
     np.testing.assert_array_equal(rows_of(expanded), [0, 0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="unexpected decode cache entry"):
-        decoding.reorder_cache({"weird": leaf(rows)}, source)
+        decoding_steps.reorder_cache({"weird": leaf(rows)}, source)
 
 
 def test_special_ids_come_from_the_model_config_or_the_caller(setup, greedy, beam3_fn):

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 
 from sycoca_jax import sharding
 from sycoca_jax.data import pipeline
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 from tests.helpers import config_for
 
 
@@ -41,7 +41,7 @@ def test_batch_must_divide_the_data_parallel_size():
 @pytest.mark.parametrize("preset", sorted(sharding.RULE_PRESETS))
 def test_rule_presets_cover_every_logical_axis(preset):
     """Every logical name the model uses has a rule, and sharded dims divide the mesh."""
-    model = sycoca.from_config(config_for("B/16").model)
+    model = build.from_config(config_for("B/16").model)
     images = jax.ShapeDtypeStruct((1, 224, 224, 3), "float32")
     tokens = jax.ShapeDtypeStruct((1, 77), "int32")
     rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
@@ -74,7 +74,7 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated():
     m = config_for("tiny").model
     m.image_heads = 3
     m.image_width = 96
-    model = sycoca.from_config(m)
+    model = build.from_config(m)
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), "float32")
     tokens = jax.ShapeDtypeStruct((1, m.max_text_len + 1), "int32")
     rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}

@@ -205,10 +205,10 @@ def _image_metrics(
 def run(context: common.EvalContext, settings: Settings) -> dict[str, Any]:
     """The metrics of the module docstring over ``settings.dataset``/``split``."""
     from sycoca_jax.evaluation import object_targets  # the data stack, where used
-    from sycoca_jax.models import sycoca  # the model's geometry and masking ratios
+    from sycoca_jax.models import build  # the model's geometry and masking ratios
 
     _check_probes(context, settings)
-    model = sycoca.from_config(context.config.model)
+    model = build.from_config(context.config.model)
     n = model.num_patches
     selection = _Selection(
         score_mode=settings.score_mode or model.score_mode,

@@ -45,7 +45,7 @@ from sycoca_jax.evaluation import (
     zeroshot,
 )
 from sycoca_jax.evaluation.results import check_writable, write_results  # noqa: F401
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 
 
 class Evaluator(NamedTuple):
@@ -87,7 +87,7 @@ def _settings(config: ml_collections.ConfigDict, name: str) -> settings.EvalSett
 
 def config_predictors(config: ml_collections.ConfigDict) -> predict.Predictors:
     """The predict functions of ``config.model`` (nothing is compiled or allocated)."""
-    return predict.for_model(sycoca.from_config(config.model))
+    return predict.for_model(build.from_config(config.model))
 
 
 def missing(kind: str, predictors: predict.Predictors) -> list[str]:

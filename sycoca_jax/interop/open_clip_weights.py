@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sycoca_jax.interop.open_clip_config import OpenClipError, check_open_clip_layout
-from sycoca_jax.models import convert, sycoca
+from sycoca_jax.models import build, convert
 from sycoca_jax.models.sycoca import SyCoCa
 
 Arrays = list[Any]  # numpy arrays, or jax tracers under ``jax.eval_shape``
@@ -246,7 +246,7 @@ def to_params(
             + ("; " if missing and unexpected else "")
             + (f"unexpected keys: {_listing(unexpected)}" if unexpected else "")
         )
-    unrolled = sycoca.abstract_params(model.clone(scan=False))
+    unrolled = build.abstract_params(model.clone(scan=False))
     target = {path: tuple(x.shape) for path, x in flat_paths(unrolled).items()}
     params: dict[str, Any] = {}
     wrong = []
@@ -293,7 +293,7 @@ def to_state_dict(params: Mapping[str, Any], model: SyCoCa) -> tuple[dict[str, n
 
 def state_dict_shapes(model: SyCoCa) -> dict[str, tuple[int, ...]]:
     """The shapes of ``model``'s open_clip state dict, computed without allocating it."""
-    abstract = sycoca.abstract_params(model)
+    abstract = build.abstract_params(model)
     shapes = jax.eval_shape(lambda p: _saved(p, model), abstract)
     return {k: tuple(v.shape) for k, v in shapes.items()}
 

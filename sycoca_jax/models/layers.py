@@ -98,7 +98,7 @@ class MultiHeadAttention(nn.Module):
     - cross-attention stores the context's keys/values the first time it is given a context, and
       reads them back when later calls pass ``inputs_kv=None`` (so image tokens are projected once
       per generated caption, not once per token).
-    The cache is created by one pass on full-length inputs (``SyCoCa.init_decode_cache``).
+    The cache is created by one pass on full-length inputs (``build.init_decode_cache``).
     """
 
     num_heads: int

@@ -22,35 +22,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from flax import linen as nn
 
-from sycoca_jax.models import layers, masking, pixels
-from sycoca_jax.models.text import (
-    CLS_MASKS,
-    MultimodalDecoder,
-    TextEncoder,
-    caption_input_and_target,
-)
-from sycoca_jax.models.tgmim import TGMIMDecoder
-from sycoca_jax.models.vit import ViT, gather_tokens, patchify
+from sycoca_jax.models import layers, masking, options, pixels
+from sycoca_jax.models.text import MultimodalDecoder, TextEncoder, caption_input_and_target
+from sycoca_jax.models.tgmim import TGMIMDecoder, normalized_patch_targets
+from sycoca_jax.models.vit import ViT, gather_tokens
 
 Array = jax.Array
-
-# "none": no attentional pooler; the class token is the contrastive vector and the patch tokens
-# are the image tokens (open_clip's coca_base).
-POOLER_LAYOUTS = ("cascade", "parallel", "single", "none")
-BRANCH_ENCODINGS = ("reencode", "reuse")
-
-
-def normalized_patch_targets(images: Array, patch_size: int, normalize: bool = True) -> Array:
-    """Pixel targets per patch (B, N, p*p*C), float32; MAE's ``norm_pix_loss`` when normalize."""
-    target = patchify(images.astype(jnp.float32), patch_size)
-    if not normalize:
-        return target
-    mean = jnp.mean(target, axis=-1, keepdims=True)
-    var = jnp.var(target, axis=-1, keepdims=True)
-    return (target - mean) * jax.lax.rsqrt(var + 1e-6)
 
 
 class SyCoCa(nn.Module):
@@ -132,37 +111,8 @@ class SyCoCa(nn.Module):
             return self.num_patches
         return self.caption_queries - 1 if self.pooler == "single" else self.caption_queries
 
-    def _check(self) -> None:
-        if self.pooler not in POOLER_LAYOUTS:
-            raise ValueError(f"pooler must be one of {POOLER_LAYOUTS}, got {self.pooler!r}")
-        if self.branch_encoding not in BRANCH_ENCODINGS:
-            raise ValueError(
-                f"branch_encoding must be one of {BRANCH_ENCODINGS}, got {self.branch_encoding!r}"
-            )
-        if self.pooler == "single" and self.caption_queries < 2:
-            raise ValueError("the single pooler layout needs caption_queries >= 2")
-        if self.pooler == "none" and not (self.class_token and self.image_width == self.text_width):
-            raise ValueError(
-                "pooler='none' reads the class token and hands the patch tokens to the "
-                "multimodal decoder: it needs class_token=True and image_width == text_width, "
-                f"got class_token={self.class_token}, {self.image_width} vs {self.text_width}"
-            )
-        if self.cls_mask not in CLS_MASKS:
-            raise ValueError(f"cls_mask must be one of {CLS_MASKS}, got {self.cls_mask!r}")
-        if self.layer_layout not in layers.LAYER_LAYOUTS:
-            raise ValueError(
-                f"layer_layout must be one of {layers.LAYER_LAYOUTS}, got {self.layer_layout!r}"
-            )
-        if self.use_tgmim and self.tgmim_masking == "none":
-            raise ValueError("TG-MIM needs masked patches: tgmim_masking must not be 'none'")
-        for mode in (self.caption_masking, self.tgmim_masking):
-            if mode not in masking.MASKING_MODES:
-                raise ValueError(
-                    f"masking mode must be one of {masking.MASKING_MODES}, got {mode!r}"
-                )
-
     def setup(self):
-        self._check()
+        options.check(self)
         dtype = jnp.dtype(self.dtype)
         common = dict(dtype=dtype, attention_impl=self.attention_impl)
         stack = dict(
@@ -454,84 +404,3 @@ class SyCoCa(nn.Module):
             )
             out["tgmim_mask"] = masking.indices_to_mask(masked, self.num_patches)
         return out
-
-
-def init_decode_cache(model: SyCoCa, batch_size: int) -> Any:
-    """A zero KV cache for ``batch_size`` captions of up to ``max_text_len`` tokens."""
-    decoder = model.clone(decode=True)
-    tokens = jnp.zeros((batch_size, model.max_text_len), jnp.int32)
-    image_tokens = jnp.zeros(
-        (batch_size, model.num_image_tokens, model.text_width), jnp.dtype(model.dtype)
-    )
-
-    def create():
-        return decoder.init(jax.random.key(0), image_tokens, tokens, method=SyCoCa.decode_step)
-
-    shapes = jax.eval_shape(create)["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-# Old spellings of model fields -> their names now (kept for one release; configs saved in
-# checkpoints before the rename still load).
-RENAMED_FIELDS = {"ic_masking": "caption_masking", "ic_keep_ratio": "caption_keep_ratio"}
-
-
-def model_fields(model_config: Any) -> dict[str, Any]:
-    """``config.model`` as SyCoCa's fields: old spellings (``RENAMED_FIELDS``) mapped to the new
-    ones with a deprecation warning (unset aliases dropped), unknown fields an error."""
-    fields = dict(model_config.items())
-    for old, new in RENAMED_FIELDS.items():
-        value = fields.pop(old, None)
-        if value is None:
-            continue
-        logging.warning(
-            "model.%s is deprecated; use model.%s (removed in the next release)", old, new
-        )
-        fields[new] = value
-    known = set(SyCoCa.__dataclass_fields__) - {"parent", "name"}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"unknown model config fields {unknown}; SyCoCa has {sorted(known)}")
-    return fields
-
-
-def from_config(model_config: Any) -> SyCoCa:
-    """``SyCoCa(**config.model)`` (see ``model_fields``)."""
-    return SyCoCa(**model_fields(model_config))
-
-
-# Top-level parameter collections -> the parts reported by tools (summary, inspect_checkpoint).
-PARAM_PARTS = {
-    "image_encoder": "image_encoder",
-    "text_encoder": "text_encoder",
-    "multimodal_decoder": "multimodal_decoder",
-    "caption_pooler": "poolers",
-    "contrastive_pooler": "poolers",
-    "image_projection": "heads",
-    "text_projection": "heads",
-    "log_temperature": "heads",
-    "tgmim_decoder": "tgmim_decoder",
-}
-
-
-def param_counts(params: Any) -> dict[str, int]:
-    """Parameter counts per part and ``total``, from real arrays or ``ShapeDtypeStruct``s."""
-    import numpy as np
-
-    counts = {part: 0 for part in dict.fromkeys(PARAM_PARTS.values())}
-    for name, subtree in params.items():
-        part = PARAM_PARTS.get(name, name)
-        leaves = jax.tree.leaves(subtree)
-        counts[part] = counts.get(part, 0) + sum(int(np.prod(x.shape)) for x in leaves)
-    counts["total"] = sum(counts.values())
-    return counts
-
-
-def abstract_params(model: SyCoCa, batch_size: int = 1, boxed: bool = False) -> Any:
-    """Parameter shapes (``ShapeDtypeStruct``s) without allocating anything; ``boxed`` keeps the
-    ``nn.Partitioned`` boxes that carry the logical axis names."""
-    images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((batch_size, model.max_text_len + 1), jnp.int32)
-    rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
-    variables = jax.eval_shape(lambda i, t: model.init(rngs, i, t), images, tokens)
-    return variables["params"] if boxed else nn.unbox(variables["params"])

@@ -14,7 +14,19 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sycoca_jax.models import layers
-from sycoca_jax.models.vit import PositionEmbedding
+from sycoca_jax.models.vit import PositionEmbedding, patchify
+
+Array = jax.Array
+
+
+def normalized_patch_targets(images: Array, patch_size: int, normalize: bool = True) -> Array:
+    """Pixel targets per patch (B, N, p*p*C), float32; MAE's ``norm_pix_loss`` when normalize."""
+    target = patchify(images.astype(jnp.float32), patch_size)
+    if not normalize:
+        return target
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True)
+    return (target - mean) * jax.lax.rsqrt(var + 1e-6)
 
 
 def scatter_tokens(base: jax.Array, indices: jax.Array, tokens: jax.Array) -> jax.Array:

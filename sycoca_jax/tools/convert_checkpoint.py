@@ -23,7 +23,7 @@ from absl import app, flags
 from etils import epath
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax.models import convert, sycoca
+from sycoca_jax.models import build, convert
 from sycoca_jax.transfer import towers
 
 LAYOUTS = {"scan": True, "unrolled": False}
@@ -37,7 +37,7 @@ EXPECTED_ERRORS = (
 
 def _check_fits(params: Any, model_fields: dict[str, Any], what: str) -> None:
     mismatch = ckpt.describe_mismatch(
-        sycoca.abstract_params(sycoca.from_config(ml_collections.ConfigDict(model_fields))),
+        build.abstract_params(build.from_config(ml_collections.ConfigDict(model_fields))),
         params,
     )
     if mismatch:

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.interop import open_clip_config, open_clip_weights
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build, sycoca
 
 
 def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[st
         config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     finally:
         checkpointer.close()
-    fields = sycoca.model_fields(config.model)
+    fields = build.model_fields(config.model)
     model = sycoca.SyCoCa(**fields)
     open_clip_config.check_open_clip_layout(open_clip_weights.model_fields_of(model))
     params = ckpt.load_params(workdir, step=step)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from sycoca_jax import binaries
+from sycoca_jax import binaries, checkpoint_integrity
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.errors import UserError
 from sycoca_jax.metrics import read_metrics
@@ -167,7 +167,7 @@ def committed_steps(workdir: str) -> list[int]:
 
 
 def set_aside_steps(workdir: str) -> list[int]:
-    folder = pathlib.Path(workdir) / ckpt.CHECKPOINT_DIR / ckpt.DAMAGED_DIR
+    folder = pathlib.Path(workdir) / ckpt.CHECKPOINT_DIR / checkpoint_integrity.DAMAGED_DIR
     if not folder.exists():
         return []
     return [int(p.name.split("-")[0]) for p in folder.iterdir()]

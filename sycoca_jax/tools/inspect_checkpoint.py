@@ -15,9 +15,9 @@ from typing import Any
 
 from absl import app, flags
 
-from sycoca_jax import binaries
+from sycoca_jax import binaries, checkpoint_integrity
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 
 
 def inspect(path: str, step: int | None = None) -> dict[str, Any]:
@@ -33,8 +33,8 @@ def inspect(path: str, step: int | None = None) -> dict[str, Any]:
     params = ckpt.load_params(os.fspath(directory), step=step)
     return {
         "step": int(step),
-        "params": sycoca.param_counts(params),
-        "digest": ckpt.params_digest(params),
+        "params": build.param_counts(params),
+        "digest": checkpoint_integrity.params_digest(params),
     }
 
 

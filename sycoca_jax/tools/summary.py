@@ -16,13 +16,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sycoca_jax import binaries, flops
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 
 
 def summarize(model_config: Any) -> dict[str, Any]:
     """Parameter counts per part (``params``) and forward FLOPs per example, total and by part."""
-    model = sycoca.from_config(model_config)
-    counts = sycoca.param_counts(sycoca.abstract_params(model))
+    model = build.from_config(model_config)
+    counts = build.param_counts(build.abstract_params(model))
     by_part = flops.forward_flops_per_example(model_config)
     return {"params": counts, "flops_per_example": by_part["total"], "flops_by_part": by_part}
 
@@ -32,8 +32,8 @@ def xla_forward_flops(model_config: Any, batch_size: int = 2) -> float:
 
     Layers are unrolled for this: XLA counts a scanned loop body once, not once per layer.
     """
-    model = sycoca.from_config(model_config).clone(scan=False)
-    params = sycoca.abstract_params(model)
+    model = build.from_config(model_config).clone(scan=False)
+    params = build.abstract_params(model)
     images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((batch_size, model.max_text_len + 1), jnp.int32)
 

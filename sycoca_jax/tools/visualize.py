@@ -32,7 +32,7 @@ from sycoca_jax import decoding, evaluate
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation.common import EvalContext
-from sycoca_jax.models import masking, sycoca
+from sycoca_jax.models import build, masking
 from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.tools import pictures as drawing
 
@@ -117,7 +117,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[SyCoCa, EvalContext
     finally:
         checkpointer.close()
     context, step = evaluate.load_for_eval(config, workdir, step)
-    return sycoca.from_config(config.model), context, step
+    return build.from_config(config.model), context, step
 
 
 def write_pictures(

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import durations, losses, optim, sharding
-from sycoca_jax.models import pixels, sycoca
+from sycoca_jax.models import build, pixels, sycoca
 
 State = dict[str, Any]
 
@@ -91,7 +91,7 @@ def make_setup(
     losses.check_loss_config(config.loss, config.model)
     _warn_if_contrastive_head_drifts(config)
     sharding.check_batch_size(config.batch_size, placement.mesh, config.microbatches)
-    model = sycoca.from_config(config.model)
+    model = build.from_config(config.model)
     total, warmup = durations.run_length(config, num_train_examples)
     tx, schedule = optim.make_optimizer(config.optim, total, warmup)
     boxed = jax.eval_shape(_init_fn(model, tx, config), jax.random.key(0))

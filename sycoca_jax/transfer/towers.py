@@ -19,7 +19,7 @@ import ml_collections
 from etils import epath
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build, sycoca
 from sycoca_jax.models.text import caption_input_and_target
 
 Array = jax.Array
@@ -98,12 +98,12 @@ def load_pretrained(
             )
         if value is not None:
             model_config[key] = value
-    return Pretrained(os.fspath(directory), step, config, sycoca.from_config(model_config))
+    return Pretrained(os.fspath(directory), step, config, build.from_config(model_config))
 
 
 def abstract_tower(model: sycoca.SyCoCa, names: Sequence[str], boxed: bool = True) -> dict:
     """Shapes of the parameter subtrees ``names`` (boxed with their logical axis names)."""
-    params = sycoca.abstract_params(model, boxed=boxed)
+    params = build.abstract_params(model, boxed=boxed)
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"the pretrained model has no {missing}; it has {sorted(params)}")
@@ -143,7 +143,7 @@ def probe_subtrees(model: sycoca.SyCoCa, kind: str) -> tuple[str, ...]:
     """The parameter subtrees ``probe_features(kind)`` reads."""
     if kind == "mean_patch":
         return subtrees("image_encoder")
-    present = sycoca.abstract_params(model)  # the image side of encode_image, as built
+    present = build.abstract_params(model)  # the image side of encode_image, as built
     image_side = ("image_encoder", "caption_pooler", "contrastive_pooler", "image_projection")
     return subtrees(*(n for n in image_side if n in present))
 

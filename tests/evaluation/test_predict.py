@@ -7,13 +7,13 @@ import numpy as np
 
 from sycoca_jax import sharding
 from sycoca_jax.evaluation import predict
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 from tests.helpers import config_for
 
 
 def test_each_objective_has_the_functions_its_heads_allow():
     def available(objective):
-        model = sycoca.from_config(config_for(f"tiny,objective={objective}").model)
+        model = build.from_config(config_for(f"tiny,objective={objective}").model)
         return predict.for_model(model).available()
 
     # Every objective can encode and score patches against a caption (as attentive masking would).

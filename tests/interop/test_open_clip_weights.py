@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from sycoca_jax.config_args import load_config
 from sycoca_jax.interop import open_clip_config, open_clip_presets, open_clip_weights
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build, sycoca
 from sycoca_jax.tools import export_open_clip, import_open_clip
 from tests.helpers import ROOT
 from tests.interop import golden
@@ -143,7 +143,7 @@ def test_the_config_file_builds_the_preset(arg):
     name, objective = config.size, config.objective
     fields = open_clip_presets.model_config(name, objective)
     assert {k: config.model[k] for k in fields} == fields
-    model = sycoca.from_config(config.model)
+    model = build.from_config(config.model)
     assert {k: getattr(model, k) for k in fields} == fields
     assert config.data.tokenizer == "clip_bpe"
     rules = open_clip_weights.rules(sycoca.SyCoCa(**fields))

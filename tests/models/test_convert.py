@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sycoca_jax.models import convert, sycoca
+from sycoca_jax.models import build, convert
 
 
 def _assert_trees_equal(a, b):
@@ -31,9 +31,9 @@ def scanned_params(tiny_params):
 
 def test_layouts_match_the_models_and_round_trip_exactly(tiny_model, tiny_params, scanned_params):
     scanned_model = tiny_model.clone(scan=True)
-    assert _shapes(scanned_params) == _shapes(sycoca.abstract_params(scanned_model))
+    assert _shapes(scanned_params) == _shapes(build.abstract_params(scanned_model))
     unrolled = convert.to_unrolled(scanned_params)
-    assert _shapes(unrolled) == _shapes(sycoca.abstract_params(tiny_model))
+    assert _shapes(unrolled) == _shapes(build.abstract_params(tiny_model))
     _assert_trees_equal(unrolled, jax.device_get(tiny_params))
     _assert_trees_equal(convert.to_scanned(unrolled), scanned_params)
     # Converting to the layout a tree already has changes nothing.
@@ -104,8 +104,8 @@ def test_convert_resamples_both_image_posembs(tiny_model_config, tiny_params):
     fields = tiny_model_config.to_dict()
     params, model = convert.convert(jax.device_get(tiny_params), fields, image_size=96)
     assert model["image_size"] == 96 and fields["image_size"] == 64  # the input is not changed
-    new_model = sycoca.from_config(model)
-    assert _shapes(params) == _shapes(sycoca.abstract_params(new_model))
+    new_model = build.from_config(model)
+    assert _shapes(params) == _shapes(build.abstract_params(new_model))
     grid = (96 // fields["patch_size"],) * 2
     for module in ("image_encoder", "tgmim_decoder"):
         assert params[module]["posemb"]["pos_embedding"].shape[0] == grid[0] * grid[1]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sycoca_jax.models import convert, sycoca
+from sycoca_jax.models import build, convert, sycoca
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def full_length_tokens(tiny_model):
 
 def _decode(model, params, image_tokens, text_input, chunks):
     decoder = model.clone(decode=True)
-    cache = sycoca.init_decode_cache(model, text_input.shape[0])
+    cache = build.init_decode_cache(model, text_input.shape[0])
 
     @jax.jit
     def step(cache, image_tokens, chunk):
@@ -83,7 +83,7 @@ def test_scan_and_unrolled_layouts_compute_the_same(tiny_model, tiny_params, tin
     unrolled = forward(tiny_model)(tiny_params)
     scanned_model = tiny_model.clone(scan=True)
     stacked = convert.to_scanned(tiny_params)
-    expected_shapes = jax.tree.map(lambda x: x.shape, sycoca.abstract_params(scanned_model))
+    expected_shapes = jax.tree.map(lambda x: x.shape, build.abstract_params(scanned_model))
     assert jax.tree.map(lambda x: x.shape, stacked) == expected_shapes
     scanned = forward(scanned_model)(stacked)
     for key in unrolled:

@@ -119,11 +119,11 @@ def test_model_scores_do_not_depend_on_pad_tokens(tiny_model, tiny_params, tiny_
 
 
 def test_random_masking_uses_the_rng(tiny_model_config, tiny_inputs):
-    from sycoca_jax.models import sycoca
+    from sycoca_jax.models import build
 
     m = tiny_model_config.copy_and_resolve_references()
     m.caption_masking = m.tgmim_masking = "random"
-    model = sycoca.from_config(m)
+    model = build.from_config(m)
     images, tokens = tiny_inputs
     rngs = lambda seed: {"params": jax.random.key(0), "masking": jax.random.key(seed)}  # noqa: E731
     init = jax.jit(lambda r: model.init(r, images, tokens))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build
 
 
 def test_bfloat16_matches_float32(tiny_model_config, tiny_params, tiny_inputs):
@@ -20,7 +20,7 @@ def test_bfloat16_matches_float32(tiny_model_config, tiny_params, tiny_inputs):
     for dtype in ("float32", "bfloat16"):
         m = tiny_model_config.copy_and_resolve_references()
         m.dtype = dtype
-        model = sycoca.from_config(m)
+        model = build.from_config(m)
         run = jax.jit(
             lambda p, model=model: model.apply(
                 {"params": p}, images, tokens, rngs={"masking": jax.random.key(0)}

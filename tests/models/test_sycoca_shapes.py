@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from sycoca_jax.models import sycoca
+from sycoca_jax.models import build, sycoca
 from tests.helpers import config_for
 
 
 def _entry_point_shapes(model: sycoca.SyCoCa, batch: int = 2) -> dict[str, dict]:
     images = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, 3), np.float32)
     tokens = jax.ShapeDtypeStruct((batch, model.max_text_len + 1), np.int32)
-    params = sycoca.abstract_params(model)
+    params = build.abstract_params(model)
     rngs = {"masking": jax.random.key(0)}
 
     def shapes(tree):
@@ -36,7 +36,7 @@ def _entry_point_shapes(model: sycoca.SyCoCa, batch: int = 2) -> dict[str, dict]
 @pytest.mark.parametrize("size", ["tiny", "B/16", "L/14"])
 def test_entry_point_shapes(size):
     m = config_for(size).model
-    model = sycoca.from_config(m)
+    model = build.from_config(m)
     b, n, t, e = 2, (m.image_size // m.patch_size) ** 2, m.max_text_len, m.embed_dim
     s = _entry_point_shapes(model, b)
     patch_dim = m.patch_size**2 * 3
@@ -63,8 +63,8 @@ def test_entry_point_shapes(size):
 
 
 def test_parameter_counts_match_reference_vits():
-    b16 = sycoca.param_counts(sycoca.abstract_params(sycoca.from_config(config_for("B/16").model)))
-    l14 = sycoca.param_counts(sycoca.abstract_params(sycoca.from_config(config_for("L/14").model)))
+    b16 = build.param_counts(build.abstract_params(build.from_config(config_for("B/16").model)))
+    l14 = build.param_counts(build.abstract_params(build.from_config(config_for("L/14").model)))
     # ViT-B/16 at 224 px without a classifier head: 85.8M; ViT-L/14: 303M.
     assert abs(b16["image_encoder"] / 85.8e6 - 1) < 0.01
     assert abs(l14["image_encoder"] / 303e6 - 1) < 0.01
@@ -80,11 +80,11 @@ def test_parameter_counts_match_reference_vits():
     ],
 )
 def test_objective_presets(objective, present, absent):
-    model = sycoca.from_config(config_for(f"tiny,objective={objective}").model)
+    model = build.from_config(config_for(f"tiny,objective={objective}").model)
     s = _entry_point_shapes(model)["train"]
     assert present <= set(s)
     assert not absent & set(s)
-    params = sycoca.param_counts(sycoca.abstract_params(model))
+    params = build.param_counts(build.abstract_params(model))
     assert (params["tgmim_decoder"] > 0) == (objective == "sycoca")
     assert (params["multimodal_decoder"] > 0) == (objective != "clip")
 
@@ -93,7 +93,7 @@ def test_objective_presets(objective, present, absent):
 def test_pooler_layouts(layout, tokens):
     m = config_for("tiny").model
     m.pooler = layout
-    s = _entry_point_shapes(sycoca.from_config(m))
+    s = _entry_point_shapes(build.from_config(m))
     assert s["image"]["image_tokens"] == (2, tokens, m.text_width)
     assert s["train"]["image_embedding"] == (2, m.embed_dim)
 
@@ -102,7 +102,7 @@ def test_unknown_model_field_is_named():
     m = config_for("tiny").model.to_dict()
     m["image_widht"] = 3
     with pytest.raises(ValueError, match="image_widht"):
-        sycoca.from_config(m)
+        build.from_config(m)
 
 
 def test_old_field_spellings_still_build_the_same_model():
@@ -110,12 +110,12 @@ def test_old_field_spellings_still_build_the_same_model():
     config saved in an old checkpoint map to the new fields."""
     m = config_for("tiny").model
     m.ic_masking, m.ic_keep_ratio = "random", 0.25
-    model = sycoca.from_config(m)
+    model = build.from_config(m)
     assert (model.caption_masking, model.caption_keep_ratio) == ("random", 0.25)
     saved = config_for("tiny").model.to_dict()  # as an old checkpoint stores it
     saved["ic_masking"] = saved.pop("caption_masking")
     del saved["caption_keep_ratio"], saved["ic_keep_ratio"]
-    assert sycoca.from_config(saved).caption_masking == "attentive"
+    assert build.from_config(saved).caption_masking == "attentive"
 
 
 def test_invalid_choices_fail_clearly(tiny_inputs):
@@ -130,7 +130,7 @@ def test_invalid_choices_fail_clearly(tiny_inputs):
         m[field] = value
         with pytest.raises(ValueError, match=message):
             jax.eval_shape(
-                lambda i, t, m=m: sycoca.from_config(m).init(
+                lambda i, t, m=m: build.from_config(m).init(
                     {"params": jax.random.key(0), "masking": jax.random.key(0)}, i, t
                 ),
                 images,

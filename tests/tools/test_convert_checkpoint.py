@@ -14,7 +14,8 @@ import pytest
 
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import evaluate
-from sycoca_jax.models import sycoca
+from sycoca_jax.checkpoint_integrity import params_digest
+from sycoca_jax.models import build
 from sycoca_jax.tools import convert_checkpoint
 from sycoca_jax.transfer import towers
 from tests.helpers import ROOT, config_for
@@ -48,7 +49,7 @@ def test_converted_checkpoint_evaluates_at_the_new_size(converted):
     context, step = evaluate.load_for_eval(pretrained.config, converted)
     assert step == STEP
     images = np.random.default_rng(0).normal(size=(2, 96, 96, 3)).astype(np.float32)
-    model = sycoca.from_config(context.config.model)
+    model = build.from_config(context.config.model)
     encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))(
         context.params, images
     )
@@ -62,15 +63,15 @@ def test_layout_round_trip_through_disk_is_exact(source, tmp_path):
     convert_checkpoint.convert_checkpoint(source, scanned, layout="scan")
     convert_checkpoint.convert_checkpoint(scanned, unrolled, layout="unrolled")
     original = ckpt.load_params(source)
-    assert ckpt.params_digest(ckpt.load_params(unrolled)) == ckpt.params_digest(original)
-    assert ckpt.params_digest(ckpt.load_params(scanned)) != ckpt.params_digest(original)
+    assert params_digest(ckpt.load_params(unrolled)) == params_digest(original)
+    assert params_digest(ckpt.load_params(scanned)) != params_digest(original)
 
 
 def test_refuses_to_overwrite(source, converted):
-    before = ckpt.params_digest(ckpt.load_params(converted))
+    before = params_digest(ckpt.load_params(converted))
     with pytest.raises(FileExistsError, match="not empty"):
         convert_checkpoint.convert_checkpoint(source, converted, layout="unrolled")
-    assert ckpt.params_digest(ckpt.load_params(converted)) == before
+    assert params_digest(ckpt.load_params(converted)) == before
 
 
 def test_a_size_the_patch_does_not_divide_is_named(source, tmp_path):

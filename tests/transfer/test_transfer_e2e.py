@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import sharding, train
+from sycoca_jax import checkpoint_integrity, sharding, train
 from sycoca_jax.config_args import load_config
 from sycoca_jax.data.skipping import SkipCountingIterator
 from sycoca_jax.metrics import read_metrics
@@ -152,8 +152,8 @@ def test_a_stopped_finetune_resumes_to_the_same_result(
 
     out = transfer_run.run(config, workdir)
     assert _steps(workdir) == [STOP_STEP, 30]
-    digest = ckpt.params_digest(ckpt.load_params(workdir))
-    assert digest == ckpt.params_digest(ckpt.load_params(straight))
+    digest = checkpoint_integrity.params_digest(ckpt.load_params(workdir))
+    assert digest == checkpoint_integrity.params_digest(ckpt.load_params(straight))
     assert out["splits"] == straight_out["splits"]
     logged, expected = _train_records(workdir), _train_records(straight)
     assert sorted(logged) == [1, 10, 20, 30]
