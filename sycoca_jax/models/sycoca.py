@@ -310,7 +310,7 @@ class SyCoCa(nn.Module):
         token_states, cls_state = self.text_encoder(text_input)
         patch_states = self.image_encoder(images)
         return {
-            "patch_embeddings": self.patch_embeddings(patch_states),
+            "patch_embeddings": self.patch_embeddings(self._patches(patch_states)),
             "token_embeddings": self.text_projection(token_states),
             "token_valid": text_input != self.pad_id,
             "text_embedding": layers.l2_normalize(self.text_projection(cls_state)),
