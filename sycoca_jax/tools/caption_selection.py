@@ -31,7 +31,7 @@ from absl import app, flags, logging
 
 from sycoca_jax import decoding
 from sycoca_jax.data import pipeline
-from sycoca_jax.data.tokenizer import Tokenizer, load_tokenizer
+from sycoca_jax.data.tokenizer import SENTENCEPIECE_IDS, SpecialIds, load_tokenizer, pack_ids
 from sycoca_jax.evaluation import caption_metrics
 from sycoca_jax.models import masking
 from sycoca_jax.models.sycoca import SyCoCa
@@ -66,16 +66,16 @@ def _most_relevant(model: SyCoCa, params: Any, keep: int, images, tokens) -> jax
     return masking.keep_most_relevant(relevance, keep)
 
 
-def _as_tokens(ids: np.ndarray, length: int) -> np.ndarray:
+def _as_tokens(ids: np.ndarray, length: int, special: SpecialIds = SENTENCEPIECE_IDS) -> np.ndarray:
     """Generated ids (B, L) -> pipeline layout ``[bos, ids..., eos, pad]`` (B, length + 1)."""
     out = np.zeros((len(ids), length + 1), np.int32)
     for row, generated in enumerate(np.asarray(ids)):
         pieces = []
         for i in generated:
-            if int(i) in (0, 2):  # pad or eos ends a caption
+            if int(i) in (special.pad, special.eos):  # pad or eos ends a caption
                 break
             pieces.append(int(i))
-        out[row] = Tokenizer.tokenize_ids(pieces, length)
+        out[row] = pack_ids(pieces, length, special)
     return out
 
 
@@ -100,7 +100,7 @@ def compare(workdir: str, num: int = 512, split: str = "test", seed: int = 0) ->
             full = np.asarray(_caption(model, params, vocab, images, None))
             random = np.argsort(rng.random((len(images), model.num_patches)), axis=1)[:, :keep]
             oracle = _most_relevant(model, params, keep, images, jnp.asarray(reference_tokens))
-            own = _as_tokens(full, model.max_text_len)
+            own = _as_tokens(full, model.max_text_len, tokenizer.special_ids)
             self_chosen = _most_relevant(model, params, keep, images, jnp.asarray(own))
             outputs = {
                 "full": full,

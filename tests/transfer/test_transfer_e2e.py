@@ -124,14 +124,16 @@ def test_finetune(pretrained, finetuned):
 
 
 STOP_STEP = 13  # neither a logging nor a checkpoint step
+PREFETCH = 2  # TrainLoop's default device_prefetch: batch k is drawn while step k - 2 runs
 
 
 def test_a_stopped_finetune_resumes_to_the_same_result(
     pretrained, finetuned, data_dir, tmp_path, monkeypatch
 ):
-    """SIGTERM while step 13's batch is drawn: the loop saves step 13 and leaves without
-    results; the same call then resumes from the workdir and ends exactly where the
-    uninterrupted run did (parameters, data order, losses, accuracies)."""
+    """SIGTERM during step 13 (while the batch of step 15 is prefetched): the loop saves step
+    13 and leaves without results; the same call then resumes from the workdir and ends exactly
+    where the uninterrupted run did (parameters, data order, losses, accuracies): the two
+    prefetched batches are not counted as consumed."""
     straight, straight_out = finetuned
     workdir = str(tmp_path / "stopped")
     config = transfer_config("finetune", data_dir, pretrained)
@@ -140,7 +142,7 @@ def test_a_stopped_finetune_resumes_to_the_same_result(
 
     def draw_with_sigterm(self):
         drawn.append(1)
-        if len(drawn) == STOP_STEP:
+        if len(drawn) == STOP_STEP + PREFETCH:
             os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler, as from a scheduler
         return draw(self)
 
