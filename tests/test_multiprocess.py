@@ -40,8 +40,13 @@ TOTAL_STEPS = 30
 SIGTERM_AFTER_STEP = 2
 RTOL = 1e-4
 # Parameters that start at zero and get near-zero gradients: Adam normalises their updates, so
-# rounding differences in those gradients become update differences of up to ~lr; observed ~3e-6.
-PARAM_ATOL = 2e-5
+# rounding differences in those gradients (2 processes reduce in another order than 1) become
+# update differences of up to ~lr (2e-3). Observed: ~3e-6 when this test was written; 1.7e-4
+# on today's main (after the uint8 input path, the chunked caption loss and the attention
+# kernels changed the programs), in one input row of one 64x64 kernel (89 of 4096 entries),
+# while every logged loss still agrees to RTOL: a different batch anywhere would move the losses
+# and most parameters far more.
+PARAM_ATOL = 4e-4
 LOSSES = ("loss", "loss/itc", "loss/caption", "loss/tgmim")
 
 
