@@ -11,6 +11,7 @@ step 1's state and iterator position, move step 2 aside, and let the run save st
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 
 import grain
@@ -171,14 +172,20 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(workdir, damage, cap
 
 
 def test_flipped_bytes_are_detected_not_restored(workdir):
-    """Today's code restored the inverted bytes as values; the checksum names the array."""
+    """Today's code restored the inverted bytes as values. Now they are caught: by the checksum,
+    which names the array, or -- when the middle of a file falls inside a compressed chunk,
+    which depends on how the asynchronous write laid the file out -- by the decompressor
+    first. Either way nothing is restored (``restore_latest`` treats both as damage; the
+    checksum-only path is pinned by the swapped-arrays test below)."""
     _invert_64_bytes(workdir)
     checkpointer = ckpt.Checkpointer(workdir, async_save=False)
-    with pytest.raises(
-        checkpoint_integrity.CheckpointDamagedError, match="checksum mismatch in (opt|params)"
-    ):
+    with pytest.raises(Exception) as error:
         checkpointer.restore(2, _abstract(_state(0)), _iterator(0))
     checkpointer.close()
+    if isinstance(error.value, checkpoint_integrity.CheckpointDamagedError):
+        assert re.search("checksum mismatch in (opt|params)", str(error.value)), error.value
+    else:
+        assert re.search("zstd|compress|corrupt", str(error.value), re.I), error.value
 
 
 def test_swapped_arrays_are_caught_when_loading_parameters_too(workdir):
