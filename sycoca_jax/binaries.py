@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from absl import app, flags, logging
 
-from sycoca_jax import config_checks
+from sycoca_jax import config_checks, config_keys
 from sycoca_jax.errors import UserError
 
 
@@ -170,7 +170,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         except flags.Error:
             expanded = list(argv)
         for name, config in _configs_in(expanded).items():
-            message = config_checks.unknown_override_message(config, expanded, name)
+            message = config_keys.unknown_override_message(config, expanded, name)
             if message:
                 fail(message, 2)
         if not isinstance(error, flags.Error):

@@ -1,109 +1,22 @@
 """Config checks that run before any work: every numeric field of a pretraining config in one
-place, durations settable from flags, and unknown ``--config.x.y`` keys named with the closest
-existing one.
+place, and durations settable from flags (unknown keys: ``config_keys``).
 
-Without them a cadence of 0 crashes with ``ZeroDivisionError`` after compiling, a batch of -8
-asks for "a multiple of 1", and a misspelt override ends in ``AttributeError: "'lr_rate'"``.
+Without them a cadence of 0 crashes with ``ZeroDivisionError`` after compiling, and a batch of -8
+asks for "a multiple of 1".
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sycoca_jax.config_keys import get_field, has_field
 from sycoca_jax.errors import ConfigError
 
 # Durations given in exactly one unit (sycoca_jax.durations): the prefix, then _steps etc.
 DURATIONS = ("total", "optim.warmup")
 DURATION_UNITS = ("steps", "epochs", "examples")
-# Common names of fields this project spells differently (optax's, PyTorch's), for typo hints.
-SYNONYMS = {
-    "learning_rate": "lr",
-    "beta1": "b1",
-    "beta2": "b2",
-    "epsilon": "eps",
-    "wd": "weight_decay",
-    "clip_grad_norm": "grad_clip",
-    "max_grad_norm": "grad_clip",
-    "steps": "total_steps",
-    "epochs": "total_epochs",
-    "global_batch_size": "batch_size",
-}
-
-
-# ------------------------------------------------------------------------------ field access
-def _get(config: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        config = config.get(key) if hasattr(config, "get") else None
-    return config
-
-
-def _has(config: Any, dotted: str) -> bool:
-    node = config
-    for key in dotted.split("."):
-        if not hasattr(node, "keys") or key not in node.keys():
-            return False
-        node = node[key]
-    return True
-
-
-def flat_keys(config: Any, prefix: str = "") -> list[str]:
-    """Every leaf of a (nested) config as a dotted key."""
-    keys = []
-    for key in config.keys():
-        value = config[key]
-        name = f"{prefix}{key}"
-        keys.extend(flat_keys(value, f"{name}.") if hasattr(value, "keys") else [name])
-    return keys
-
-
-# --------------------------------------------------------------------------- unknown keys
-def unknown_key_message(config: Any, dotted: str, flag: str = "config") -> str | None:
-    """One line naming the closest existing key when ``dotted`` is not a field of ``config``
-    (None when it is)."""
-    if _has(config, dotted):
-        return None
-    keys = flat_keys(config)
-    parts = dotted.split(".")
-    # The deepest existing parent: its own children are the likeliest meant.
-    depth = 0
-    while depth < len(parts) - 1 and _has(config, ".".join(parts[: depth + 1])):
-        depth += 1
-    parent = ".".join(parts[:depth])
-    siblings = [k for k in keys if not parent or k.startswith(parent + ".")]
-    pool = siblings or keys
-    closest = difflib.get_close_matches(dotted, pool, n=1, cutoff=0.0)
-    by_leaf = difflib.get_close_matches(
-        parts[-1], [k.rsplit(".", 1)[-1] for k in pool], n=1, cutoff=0.6
-    )
-    if by_leaf:  # a near-miss of the last name beats the whole-string match
-        closest = [next(k for k in pool if k.rsplit(".", 1)[-1] == by_leaf[0])]
-    synonym = ".".join([*parts[:depth], SYNONYMS.get(parts[-1], "")])
-    if parts[-1] in SYNONYMS and synonym in pool:
-        closest, by_leaf = [synonym], [synonym]
-    message = f"--{flag}.{dotted}: the config has no field {dotted!r}"
-    if closest:
-        message += f"; did you mean --{flag}.{closest[0]}?"
-    if not by_leaf:  # no confident guess: list what is there
-        names = sorted(
-            {k[len(parent) + 1 :].split(".")[0] if parent else k.split(".")[0] for k in pool}
-        )
-        message += f" ({parent or 'the top level'} has: {', '.join(names)})"
-    return message
-
-
-def unknown_override_message(config: Any, argv: Sequence[str], flag: str = "config") -> str | None:
-    """The first ``--<flag>.x.y`` argument naming no field of ``config``, as one line."""
-    for arg in argv:
-        if not arg.startswith(f"--{flag}."):
-            continue
-        dotted = arg[len(flag) + 3 :].split("=", 1)[0]
-        message = unknown_key_message(config, dotted, flag)
-        if message:
-            return message
-    return None
 
 
 # ------------------------------------------------------------------------------ durations
@@ -130,10 +43,10 @@ def apply_duration_overrides(config: Any, overrides: Mapping[str, Any]) -> list[
         if not given:
             continue
         parent_key, _, _ = prefix.rpartition(".")
-        parent = _get(config, parent_key) if parent_key else config
+        parent = get_field(config, parent_key) if parent_key else config
         for unit in DURATION_UNITS:
             key = f"{prefix}_{unit}"
-            if key != given[0] and _has(config, key) and _get(config, key) is not None:
+            if key != given[0] and has_field(config, key) and get_field(config, key) is not None:
                 parent[key.rsplit(".", 1)[-1]] = None
                 cleared.append(key)
     return cleared
@@ -148,7 +61,7 @@ class _Problems:
         self.lines: list[str] = []
 
     def value(self, key: str) -> Any:
-        return _get(self.config, key)
+        return get_field(self.config, key)
 
     def add(self, key: str, must: str, fix: str | None = None) -> None:
         value = self.value(key)
@@ -156,7 +69,7 @@ class _Problems:
         self.lines.append(f"{key}={value!r} must be {must} ({fix})")
 
     def check(self, key: str, ok, must: str, fix: str | None = None, optional=False) -> None:
-        if not _has(self.config, key):
+        if not has_field(self.config, key):
             return
         value = self.value(key)
         if value is None and optional:
@@ -198,7 +111,9 @@ def _is_number(value: Any) -> bool:
 
 def _durations(p: _Problems) -> None:
     for prefix, required in (("total", True), ("optim.warmup", False)):
-        keys = [f"{prefix}_{unit}" for unit in DURATION_UNITS if _has(p.config, f"{prefix}_{unit}")]
+        keys = [
+            f"{prefix}_{unit}" for unit in DURATION_UNITS if has_field(p.config, f"{prefix}_{unit}")
+        ]
         if not keys:
             continue
         given = [k for k in keys if p.value(k) is not None]
@@ -264,7 +179,7 @@ def _loss(p: _Problems) -> None:
     weights = ("loss.itc_weight", "loss.caption_weight", "loss.tgmim_weight")
     for key in weights:
         p.check(key, lambda v: _is_number(v) and v >= 0, ">= 0")
-    present = [k for k in weights if _has(p.config, k)]
+    present = [k for k in weights if has_field(p.config, k)]
     if present and all(_is_number(p.value(k)) and p.value(k) == 0 for k in present):
         p.lines.append("every loss weight is 0: nothing to train (set --config.loss.itc_weight)")
     for weight, switch in (
@@ -408,7 +323,7 @@ def validate(config: Any, num_devices: int | None = None) -> None:
     _loss(p)
     _data(p)
     _evals(p)
-    if _has(config, "mesh"):
+    if has_field(config, "mesh"):
         _mesh(p, num_devices)
     if p.lines:
         raise ConfigError("invalid config: " + "; ".join(p.lines))

@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from sycoca_jax import binaries, config_checks, durations
+from sycoca_jax import binaries, config_checks, config_keys, durations
 from sycoca_jax.errors import ConfigError, UserError
 from tests.helpers import ROOT, config_for
 
@@ -145,11 +145,11 @@ def test_two_units_of_one_duration_on_the_command_line_are_refused(monkeypatch):
     ],
 )
 def test_a_misspelt_key_is_named_with_the_closest_one(key, closest):
-    message = config_checks.unknown_key_message(config_for("tiny"), key)
+    message = config_keys.unknown_key_message(config_for("tiny"), key)
     assert f"did you mean --config.{closest}?" in message and "\n" not in message
 
 
 def test_an_existing_key_is_not_a_typo():
     config = config_for("tiny")
-    assert config_checks.unknown_key_message(config, "optim.lr") is None
-    assert config_checks.unknown_override_message(config, ["--config.optim.lr=1"]) is None
+    assert config_keys.unknown_key_message(config, "optim.lr") is None
+    assert config_keys.unknown_override_message(config, ["--config.optim.lr=1"]) is None

@@ -1,9 +1,10 @@
 """SyCoCa: CoCa's contrastive and captioning heads plus a text-guided MIM head.
 
 One training forward (``__call__``) returns everything the three losses need; ``encode_image``,
-``encode_text``, ``caption_logits`` and ``decode_step`` are the inference entry points. All
-token arrays are the pipeline's ``(B, max_text_len + 1)`` arrays; the text tower reads the first
-``max_text_len`` of them (``caption_input_and_target``).
+``encode_text``, ``caption_logits`` and ``decode_step`` are the inference entry points. The
+forward's masked branches (captioning, TG-MIM) are in ``branches``. All token arrays are the
+pipeline's ``(B, max_text_len + 1)`` arrays; the text tower reads the first ``max_text_len`` of
+them (``caption_input_and_target``).
 
 Setting ``use_tgmim=False, caption_masking="none"`` gives CoCa; also ``use_captioning=False`` gives
 CLIP.
@@ -24,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sycoca_jax.models import layers, masking, options, pixels
+from sycoca_jax.models import branches, layers, options, pixels
 from sycoca_jax.models.text import MultimodalDecoder, TextEncoder, caption_input_and_target
-from sycoca_jax.models.tgmim import TGMIMDecoder, normalized_patch_targets
+from sycoca_jax.models.tgmim import TGMIMDecoder
 from sycoca_jax.models.vit import ViT, gather_tokens
 
 Array = jax.Array
@@ -242,18 +243,18 @@ class SyCoCa(nn.Module):
             x = self.caption_pooler.single_token(patch_states)
         return self.image_projection(x)
 
-    def _patches(self, states: Array) -> Array:
+    def patches(self, states: Array) -> Array:
         """The patch part of image-encoder states (the class token, if any, removed)."""
         return states[:, self.num_prefix_tokens :]
 
-    def _branch_states(self, images: Array, patch_states: Array | None, indices: Array) -> Array:
+    def branch_states(self, images: Array, patch_states: Array | None, indices: Array) -> Array:
         """Encoder states of the patches at ``indices`` (B, K), the class token (if any) first:
         re-encoded (the class token is always encoded; ``patch_states`` may then be None) or
         gathered from ``patch_states``."""
         if self.branch_encoding == "reencode":
             return self.image_encoder(images, indices)
         prefix = patch_states[:, : self.num_prefix_tokens]
-        kept = gather_tokens(self._patches(patch_states), indices)
+        kept = gather_tokens(self.patches(patch_states), indices)
         return jnp.concatenate([prefix, kept], axis=1)
 
     # ----------------------------------------------------------------------------- entry points
@@ -310,7 +311,7 @@ class SyCoCa(nn.Module):
         token_states, cls_state = self.text_encoder(text_input)
         patch_states = self.image_encoder(images)
         return {
-            "patch_embeddings": self.patch_embeddings(self._patches(patch_states)),
+            "patch_embeddings": self.patch_embeddings(self.patches(patch_states)),
             "token_embeddings": self.text_projection(token_states),
             "token_valid": text_input != self.pad_id,
             "text_embedding": layers.l2_normalize(self.text_projection(cls_state)),
@@ -322,7 +323,7 @@ class SyCoCa(nn.Module):
         the captioning branch sees them in training (``branch_encoding``): for captioning with
         the training-time selection at inference."""
         patch_states = None if self.branch_encoding == "reencode" else self.image_encoder(images)
-        return self.image_tokens(self._branch_states(images, patch_states, indices))
+        return self.image_tokens(self.branch_states(images, patch_states, indices))
 
     def decode_step(self, image_tokens: Array | None, tokens: Array) -> Array:
         """With ``decode=True``: logits (B, t, V) for a chunk of new tokens (B, t), using and
@@ -353,54 +354,15 @@ class SyCoCa(nn.Module):
         }
 
         relevance = None
-        if (self.use_captioning and self.caption_masking == "attentive") or (
-            self.use_tgmim and self.tgmim_masking == "attentive"
-        ):
-            relevance = masking.relevance_scores(
-                self.patch_embeddings(self._patches(patch_states)),
-                self.text_projection(token_states),
-                text_valid,
-                self.score_mode,
-                self.temperature(),
-            )
+        if branches.needs_relevance(self):
+            relevance = branches.relevance(self, patch_states, token_states, text_valid)
             out["relevance"] = relevance
-        score_shape = jnp.zeros((patch_states.shape[0], self.num_patches), jnp.float32)
-
         if self.use_captioning:
-            scores = masking.masking_scores(
-                self.caption_masking,
-                score_shape if relevance is None else relevance,
-                self.make_rng("masking") if self.caption_masking == "random" else None,
+            out.update(
+                branches.caption(self, images, patch_states, token_states, targets, relevance)
             )
-            kept_states = patch_states
-            if scores is not None:
-                num_keep = masking.static_count(
-                    self.num_patches, self.caption_keep_ratio, "caption_keep_ratio"
-                )
-                caption_indices = masking.keep_most_relevant(scores, num_keep)
-                kept_states = self._branch_states(images, patch_states, caption_indices)
-                out["caption_indices"] = caption_indices
-            logits = self.multimodal_decoder(token_states, self.image_tokens(kept_states))
-            out["caption_logits"] = logits
-            out["caption_targets"] = targets
-            out["caption_weights"] = (targets != self.pad_id).astype(jnp.float32)
-
         if self.use_tgmim:
-            scores = masking.masking_scores(
-                self.tgmim_masking,
-                score_shape if relevance is None else relevance,
-                self.make_rng("masking") if self.tgmim_masking == "random" else None,
+            out.update(
+                branches.tgmim(self, images, patch_states, token_states, text_valid, relevance)
             )
-            num_masked = masking.static_count(
-                self.num_patches, self.tgmim_mask_ratio, "tgmim_mask_ratio"
-            )
-            visible, masked = masking.mask_most_relevant(scores, num_masked)
-            visible_states = self._patches(self._branch_states(images, patch_states, visible))
-            out["tgmim_prediction"] = self.tgmim_decoder(
-                visible_states, visible, token_states, text_valid
-            ).astype(jnp.float32)
-            out["tgmim_target"] = normalized_patch_targets(
-                images, self.patch_size, self.norm_pix_loss
-            )
-            out["tgmim_mask"] = masking.indices_to_mask(masked, self.num_patches)
         return out
