@@ -1,17 +1,14 @@
-"""End-to-end training on the small embedded dataset: learning, metrics, checkpoints, exact
-resume after SIGTERM and after kill -9, and the errors a user meets first."""
+"""End-to-end training on the small embedded dataset: learning, metrics, checkpoints and the
+errors a user meets first (exact resume after SIGTERM and kill -9: tests/test_reliability.py)."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import pathlib
-import signal
 import struct
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +21,7 @@ from sycoca_jax import config_diff, sharding, train
 from sycoca_jax.metrics import read_metrics
 from sycoca_jax.tools import inspect_checkpoint
 from sycoca_jax.train import pretrain, profiling
-from tests.helpers import ROOT, SMALL_NAME, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 LOSSES = ("loss/itc", "loss/caption", "loss/tgmim")
 
@@ -196,29 +193,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-# ------------------------------------------------------------------ exact resume (subprocesses)
-def _command(workdir: str, data_dir: str, total: int = 60) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "sycoca_jax.main",
-        f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny",
-        f"--workdir={workdir}",
-        f"--config.data.name={SMALL_NAME}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.data.num_workers=0",
-        "--config.batch_size=16",
-        f"--config.total_steps={total}",
-        "--config.log_every_steps=1",
-        "--config.eval_every_steps=0",
-        "--config.checkpoint_every_steps=10",
-        "--config.optim.warmup_steps=5",
-        "--config.model.image_depth=1",
-        "--config.model.text_depth=1",
-        "--config.model.multimodal_depth=1",
-    ]
-
-
 def _env(cache_dir: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
@@ -228,69 +202,6 @@ def _env(cache_dir: str) -> dict[str, str]:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
     return env
-
-
-def _last_logged_step(workdir: str) -> int:
-    try:
-        return max((r["step"] for r in read_metrics(workdir) if "loss" in r), default=0)
-    except json.JSONDecodeError:  # a line being written
-        return 0
-
-
-def _interrupt(workdir, data_dir, env, sig, after_step: int) -> None:
-    process = subprocess.Popen(
-        _command(workdir, data_dir),
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 240
-    while _last_logged_step(workdir) < after_step:
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run made no progress"
-        time.sleep(0.02)
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=240)
-    if sig == signal.SIGTERM:
-        assert process.returncode == 0, stderr.decode()[-3000:]
-
-
-def _finish(workdir, data_dir, env) -> None:
-    result = subprocess.run(
-        _command(workdir, data_dir), env=env, cwd=ROOT, capture_output=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-
-
-def _fingerprints(workdir: str) -> dict[int, int]:
-    """Data-order fingerprint per step (the resumed run's value where a step was logged twice)."""
-    return {r["step"]: r["data/batch_fingerprint"] for r in read_metrics(workdir) if "loss" in r}
-
-
-def test_exact_resume_after_sigterm_and_kill9(data_dir, tmp_path):
-    env = _env(str(tmp_path / "jax_cache"))
-    straight = str(tmp_path / "straight")
-    _finish(straight, data_dir, env)
-    reference = inspect_checkpoint.inspect(straight)
-    assert reference["step"] == 60
-
-    stopped = str(tmp_path / "sigterm")
-    _interrupt(stopped, data_dir, env, signal.SIGTERM, after_step=15)
-    checkpointer = ckpt.Checkpointer(stopped, async_save=False)
-    saved = checkpointer.latest_step()
-    checkpointer.close()
-    assert 15 <= saved < 60 and saved % 10, f"SIGTERM should save at its own step, got {saved}"
-
-    killed = str(tmp_path / "kill9")
-    _interrupt(killed, data_dir, env, signal.SIGKILL, after_step=25)
-
-    for workdir in (stopped, killed):
-        _finish(workdir, data_dir, env)
-        resumed = inspect_checkpoint.inspect(workdir)
-        assert resumed["step"] == 60
-        assert resumed["digest"] == reference["digest"], workdir
-        assert _fingerprints(workdir) == _fingerprints(straight), workdir
 
 
 def test_unknown_config_key_is_rejected(tmp_path):

@@ -198,33 +198,46 @@ def _drill_root(trained, tmp_path) -> pathlib.Path:
     return root
 
 
+def _fingerprints(workdir: str) -> dict[int, int]:
+    """Data-order fingerprint per step (the last record where a step was logged twice)."""
+    return {r["step"]: r["data/batch_fingerprint"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_sigterm_checkpoints_its_own_step_and_the_resumed_run_ends_exactly(
+    trained, data_dir, cache_dir, tmp_path
+):
+    """SIGTERM after step EVERY + 1: the run saves the step it stopped at (not a cadence step)
+    and exits 0; the resumed run sees the same batches and ends with the undisturbed digest."""
+    workdir, values, env = str(tmp_path / "sigterm"), _values(data_dir), _env(cache_dir)
+    logged = fault_drill.interrupt(workdir, values, env, signal.SIGTERM, after_step=EVERY + 1)
+    assert logged >= EVERY + 1, logged
+    saved = fault_drill.committed_steps(workdir)[-1]
+    assert EVERY < saved < TOTAL, f"SIGTERM should save at its own step, got {saved}"
+    fault_drill.run_to_end(workdir, values, env)
+    assert inspect_checkpoint.inspect(workdir)["digest"] == trained[1]
+    assert _fingerprints(workdir) == _fingerprints(trained[0])
+    assert _one_record_per_step(workdir), _training_steps(workdir)
+
+
 @pytest.mark.slow
-def test_five_kill9_cycles_leave_one_record_per_step(trained, data_dir, cache_dir, tmp_path):
+def test_fault_drill_kill9_sigterm_and_damage_end_like_an_undisturbed_run(
+    trained, data_dir, cache_dir, tmp_path
+):
+    """Seed 19 draws kill -9 twice (both before the first checkpoint, so whatever the timing),
+    SIGTERM, damage of the checkpoint it saved, then (unless SIGTERM stopped at the last step)
+    kill -9 after the fallback; one undisturbed run finishes."""
+    root = _drill_root(trained, tmp_path)
     report = fault_drill.drill(
-        str(_drill_root(trained, tmp_path)),
+        str(root),
         rounds=5,
-        seed=0,
-        total_steps=TOTAL,
-        checkpoint_every_steps=EVERY,
-        actions=("kill9",),
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-    )
-    assert report.kills["kill9"] == 5, report.lines()
-    assert (report.records_lost, report.records_duplicated) == (0, 0), report.lines()
-    assert report.final_digest == trained[1], report.lines()
-
-
-@pytest.mark.slow
-def test_fault_drill_survives_mixed_faults(trained, data_dir, cache_dir, tmp_path):
-    report = fault_drill.drill(
-        str(_drill_root(trained, tmp_path)),
-        rounds=3,
-        seed=3,
+        seed=19,
         total_steps=TOTAL,
         checkpoint_every_steps=EVERY,
         data_dir=data_dir,
         cache_dir=cache_dir,
     )
     assert report.ok, report.lines()
-    assert sum(report.kills.values()) >= 1, report.lines()
+    assert report.kills["kill9"] >= 2 and report.kills["sigterm"] >= 1, report.lines()
+    assert report.damaged and report.recovered, report.lines()
+    assert (report.records_lost, report.records_duplicated) == (0, 0), report.lines()
+    assert _fingerprints(str(root / "drill")) == _fingerprints(trained[0])

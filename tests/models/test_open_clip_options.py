@@ -4,6 +4,8 @@ out of the relevance scores and the TG-MIM decoder."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,7 @@ def test_default_parameter_trees_are_unchanged(tiny_params):
 
 
 def test_open_clip_layer_layout_has_two_blocks_per_layer():
-    params = _init(SyCoCa(**golden.fields("single")))
+    params = _random_params(SyCoCa(**golden.fields("single")))
     block = params["multimodal_decoder"]["decoder"]["block_0"]
     assert set(block) == {
         "ln_self",
@@ -80,24 +82,36 @@ def test_class_token_is_kept_whatever_patches_are_encoded():
         class_token=True, pre_norm=True,
     )  # fmt: skip
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
-    params = encoder.init(jax.random.key(0), images)
-    full = encoder.apply(params, images)
-    assert full.shape == (2, 1 + 16, 16)
+    params = _random_params(encoder, images)
     # All patches in another order: attention is order-free, so every patch keeps its own state
     # (it carries its own position embedding) and the class token is unchanged.
     order = np.stack([np.random.default_rng(i).permutation(16) for i in range(2)])
-    shuffled = encoder.apply(params, images, jnp.asarray(order))
+
+    @jax.jit  # one compilation: quicker than three op-by-op runs
+    def encodings(p):
+        run = functools.partial(encoder.apply, {"params": p}, images)
+        return run(), run(jnp.asarray(order)), run(jnp.asarray(order[:, :5]))
+
+    full, shuffled, subset = encodings(params)
+    assert full.shape == (2, 1 + 16, 16)
     np.testing.assert_allclose(shuffled[:, 0], full[:, 0], atol=1e-5)
     np.testing.assert_allclose(shuffled[:, 1:], vit.gather_tokens(full[:, 1:], order), atol=1e-5)
-    subset = encoder.apply(params, images, jnp.asarray(order[:, :5]))
     assert subset.shape == (2, 1 + 5, 16)
 
 
-def _init(model: SyCoCa, batch: int = 2):
-    images = jnp.zeros((batch, model.image_size, model.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((batch, model.max_text_len + 1), jnp.int32)
+def _random_params(model: nn.Module, *inputs: jax.Array):
+    """Parameters of the model's shapes, drawn with NumPy (N(0, 0.2)): these tests compare
+    layouts and forward paths, not initial values, and compiling ``model.init`` (its random
+    initialisers) costs more here than the forward itself. SyCoCa's inputs by default."""
+    if not inputs:
+        inputs = (
+            jnp.zeros((2, model.image_size, model.image_size, 3), jnp.float32),
+            jnp.zeros((2, model.max_text_len + 1), jnp.int32),
+        )
     rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
-    return nn.unbox(jax.jit(model.init)(rngs, images, tokens)["params"])
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(rngs, *inputs)["params"]))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
 
 
 TGMIM_HEAD = dict(decoder_width=16, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=32)
@@ -117,24 +131,16 @@ def test_masking_with_a_class_token_covers_patches_only(name, branch):
         **TGMIM_HEAD,
     )
     model = SyCoCa(**fields)
-    params = _init(model)
+    params = _random_params(model)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(2, model.image_size, model.image_size, 3)), jnp.float32)
     tokens = random_tokens(rng, 2, model.max_text_len, model.vocab_size)
     tokens = np.select([tokens == 1, tokens == 2], [model.bos_id, model.eos_id], tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     n = model.num_patches
-    out = model.apply({"params": params}, images, tokens, rngs={"masking": jax.random.key(2)})
 
-    assert out["relevance"].shape == (2, n)
-    keep = masking.static_count(n, model.caption_keep_ratio, "keep")
-    masked = masking.static_count(n, model.tgmim_mask_ratio, "mask")
-    assert out["caption_indices"].shape == (2, keep) and int(out["caption_indices"].max()) < n
-    assert out["tgmim_mask"].shape == (2, n)
-    np.testing.assert_array_equal(np.asarray(out["tgmim_mask"]).sum(axis=1), [masked, masked])
-    assert out["tgmim_prediction"].shape == (2, n, model.patch_size**2 * 3)
-
-    def reference(m: SyCoCa):
+    def reference(m: SyCoCa, index: jax.Array):
+        """The inference methods composed by hand, on the forward's caption indices."""
         states = m.image_encoder(images)
         patches = states[:, 1:]
         text_states, _ = m.text_encoder(tokens[:, :-1])
@@ -145,7 +151,6 @@ def test_masking_with_a_class_token_covers_patches_only(name, branch):
             m.score_mode,
             m.temperature(),
         )
-        index = out["caption_indices"]
         if branch == "reencode":
             kept = m.image_encoder(images, index)
         else:
@@ -153,7 +158,19 @@ def test_masking_with_a_class_token_covers_patches_only(name, branch):
         logits, _ = m.caption_logits(m.image_tokens(kept), tokens)
         return relevance, logits
 
-    relevance, logits = model.apply({"params": params}, method=reference)
+    @jax.jit  # one compilation: quicker than running both op by op
+    def forward_and_reference(p):
+        out = model.apply({"params": p}, images, tokens, rngs={"masking": jax.random.key(2)})
+        return out, model.apply({"params": p}, out["caption_indices"], method=reference)
+
+    out, (relevance, logits) = forward_and_reference(params)
+    assert out["relevance"].shape == (2, n)
+    keep = masking.static_count(n, model.caption_keep_ratio, "keep")
+    masked = masking.static_count(n, model.tgmim_mask_ratio, "mask")
+    assert out["caption_indices"].shape == (2, keep) and int(out["caption_indices"].max()) < n
+    assert out["tgmim_mask"].shape == (2, n)
+    np.testing.assert_array_equal(np.asarray(out["tgmim_mask"]).sum(axis=1), [masked, masked])
+    assert out["tgmim_prediction"].shape == (2, n, model.patch_size**2 * 3)
     np.testing.assert_allclose(out["relevance"], relevance, atol=1e-6)
     np.testing.assert_allclose(out["caption_logits"], logits, atol=1e-5)
     # The most relevant patches are the ones kept for captioning and hidden from TG-MIM.
@@ -166,6 +183,6 @@ def test_masking_with_a_class_token_covers_patches_only(name, branch):
 
 def test_pooler_none_needs_a_class_token_and_matching_widths():
     with pytest.raises(ValueError, match="class_token=True and image_width == text_width"):
-        _init(SyCoCa(**golden.fields("no_pooler", class_token=False)))
+        _random_params(SyCoCa(**golden.fields("no_pooler", class_token=False)))
     with pytest.raises(ValueError, match="layer_layout"):
-        _init(SyCoCa(**golden.fields("single", layer_layout="split")))
+        _random_params(SyCoCa(**golden.fields("single", layer_layout="split")))
