@@ -7,6 +7,7 @@ set -euo pipefail
 usage() {
   cat <<'EOF'
 Usage: launch/device_benchmark.sh [--prepare] [--budget_s=S] [--steps=N] [--out=FILE] [--trace]
+                                  [--bench=PRESET@SWEEP ...]
 
 Run from the checkout's root on a machine with an accelerator and a bare JAX (jax, flax, optax,
 orbax, absl, numpy; no grain, tfds, sentencepiece, tensorboardX, pycocoevalcap: the benchmark
@@ -32,6 +33,9 @@ Options:
   --budget_s=S   stop starting new variants after S seconds in all (default 360; a
                  variant started by then still finishes)
   --steps=N      timed steps per variant (default 10, after 2 warm-up steps)
+  --bench=PRESET@SWEEP
+                 measure these instead of the list above (repeatable, in order), e.g.
+                 --bench='b16@batch_size=256;model.remat=dots,full'
   --trace        also trace two steps of each variant and add where their device time went
                  (tools.trace_summary: busy time, kernel time by kind, top kernels) to its line
   --out=FILE     also append the JSON lines to FILE (default: $OUT/benchmark.jsonl when OUT is
@@ -46,7 +50,7 @@ die() {
 }
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-prepare=0 budget=360 steps=10 out="" trace=""
+prepare=0 budget=360 steps=10 out="" trace="" points=()
 [[ -n ${OUT:-} ]] && out="$OUT/benchmark.jsonl"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -58,6 +62,7 @@ while [[ $# -gt 0 ]]; do
     --budget_s=*) budget=${1#*=} ;;
     --steps=*) steps=${1#*=} ;;
     --out=*) out=${1#*=} ;;
+    --bench=*@*) points+=("${1#*=}") ;;
     --trace) trace=$(mktemp -d "${TMPDIR:-/tmp}/sycoca_trace.XXXXXX") ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -138,6 +143,10 @@ bench() { # $1: config spec, $2: sweep
   set -e
   [[ $rc -eq 0 ]] || status=1
 }
+if [[ ${#points[@]} -gt 0 ]]; then
+  for point in "${points[@]}"; do bench "${point%%@*}" "${point#*@}"; done
+  exit "$status"
+fi
 # Most important first: a budget cut keeps the targets' own points.
 bench openclip_b32 'batch_size=256;model.attention_impl=auto,xla'
 bench b16 'batch_size=256;model.attention_impl=auto'

@@ -107,11 +107,12 @@ def test_device_benchmark_help_arguments_and_budget(tmp_path):
 
 def test_device_benchmark_drops_an_xla_flag_this_jaxlib_lacks(tmp_path):
     """An unknown flag in XLA_FLAGS aborts XLA at start-up; the launcher names it, drops it and
-    measures anyway (a GPU flag list written for one jaxlib must not cost a lease on another)."""
+    measures anyway (a GPU flag list written for one jaxlib must not cost a lease on another).
+    ``--bench`` measures the points asked for instead of the default list."""
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env.update(PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_no_such_flag=true")
     result = subprocess.run(
-        ["bash", str(LAUNCH / "device_benchmark.sh"), "--budget_s=0"],
+        ["bash", str(LAUNCH / "device_benchmark.sh"), "--budget_s=0", "--bench=b16@batch_size=8"],
         capture_output=True,
         text=True,
         env=env,
@@ -120,5 +121,9 @@ def test_device_benchmark_drops_an_xla_flag_this_jaxlib_lacks(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "lacks --xla_no_such_flag" in result.stderr
-    host = json.loads(result.stdout.splitlines()[0])["host"]
-    assert "xla_no_such_flag" not in host["xla_flags"]
+    host, *points = [json.loads(x) for x in result.stdout.splitlines()]
+    assert "xla_no_such_flag" not in host["host"]["xla_flags"]
+    # --bench replaces the default list: only the point asked for (skipped: no time left)
+    assert [(p["config"], p["sweep"], "skipped" in p) for p in points] == [
+        ("b16", "batch_size=8", True)
+    ]

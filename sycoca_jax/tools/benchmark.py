@@ -225,13 +225,18 @@ def measured_ceilings(size: int | None = None, copy_mib: int | None = None) -> d
 
 def _traced(step: Any, state: Any, trace_dir: str, steps: int) -> tuple[Any, dict]:
     """Run ``steps`` more steps under ``jax.profiler`` and condense the trace
-    (``tools.trace_summary``); a trace that cannot be read is reported, not fatal."""
+    (``tools.trace_summary``: six kernels for the point's line, forty in ``summary.json`` beside
+    the trace); a trace that cannot be read is reported, not fatal."""
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
             state, metrics = step(state)
         jax.block_until_ready((state, metrics))
     try:
-        return state, trace_summary.summarize(trace_summary.find_trace(trace_dir), steps, top=6)
+        path = trace_summary.find_trace(trace_dir)
+        details = trace_summary.summarize(path, steps, top=40)
+        with open(os.path.join(trace_dir, "summary.json"), "w") as f:
+            json.dump(details, f, indent=1)
+        return state, trace_summary.summarize(path, steps, top=6)
     except (OSError, ValueError, KeyError) as e:
         return state, {"error": f"{type(e).__name__}: {e}"}
 

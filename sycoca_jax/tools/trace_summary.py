@@ -69,8 +69,8 @@ def find_trace(trace_dir: str | pathlib.Path) -> pathlib.Path:
     return found[-1]
 
 
-def _kernel_lines(events: list[dict]) -> dict[tuple[int, int], str]:
-    """(pid, tid) -> line name of the lines that hold device kernels."""
+def _device_threads(events: list[dict]) -> dict[tuple[int, int], str]:
+    """(pid, tid) -> line name of every line of a device process."""
     processes = {
         e["pid"]: e["args"]["name"]
         for e in events
@@ -82,24 +82,28 @@ def _kernel_lines(events: list[dict]) -> dict[tuple[int, int], str]:
         if e.get("ph") == "M" and e.get("name") == "thread_name"
     }
     devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
-    streams = {k: v for k, v in threads.items() if k[0] in devices and v.startswith("Stream")}
-    if streams:
-        return streams
-    ops = {k: v for k, v in threads.items() if k[0] in devices and v == "XLA Ops"}
-    if ops:
-        return ops
+    found = {k: v for k, v in threads.items() if k[0] in devices}
     # CPU: the client thread that runs XLA's compiled programs.
-    return {k: v for k, v in threads.items() if v.startswith("tf_XLAPjRtCpuClient")}
+    return found or {k: v for k, v in threads.items() if v.startswith("tf_XLAPjRtCpuClient")}
+
+
+def _kernel_lines(threads: dict[tuple[int, int], str]) -> dict[tuple[int, int], str]:
+    """The lines that hold device kernels: GPU streams, else XLA's operation lines."""
+    streams = {k: v for k, v in threads.items() if v.startswith("Stream")}
+    return streams or {k: v for k, v in threads.items() if v == "XLA Ops"} or threads
 
 
 def summarize(path: str | pathlib.Path, steps: int, top: int = 8) -> dict[str, Any]:
-    """Per-step device busy time, kernel time by kind and the ``top`` kernels, in ms."""
+    """Per-step device busy time, kernel time by kind and the ``top`` kernels, in ms; where
+    kernels come from GPU streams, also the ``top`` XLA operations with the start of their HLO
+    (``ops``: which fusion, copy or custom call the kernels belong to)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     with gzip.open(path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    lines = _kernel_lines(events)
+    threads = _device_threads(events)
+    lines = _kernel_lines(threads)
     kernels = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in lines]
     if not kernels:
         names = sorted({str(e.get("args", {}).get("name")) for e in events if e.get("ph") == "M"})
@@ -115,7 +119,7 @@ def summarize(path: str | pathlib.Path, steps: int, top: int = 8) -> dict[str, A
     def ms(us: float) -> float:
         return round(us / 1e3 / steps, 3)
 
-    return {
+    summary = {
         "lines": sorted(set(lines.values())),
         "kernels_per_step": round(len(kernels) / steps, 1),
         "busy_ms": ms(busy),
@@ -124,6 +128,19 @@ def summarize(path: str | pathlib.Path, steps: int, top: int = 8) -> dict[str, A
         "by_kind_ms": {kind: ms(us) for kind, us in per_kind.most_common()},
         "top": [[_short(name), ms(us)] for name, us in per_name.most_common(top)],
     }
+    op_lines = {k for k, v in threads.items() if v == "XLA Ops"} - set(lines)
+    ops = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in op_lines]
+    if ops:
+        per_op: collections.Counter[str] = collections.Counter()
+        text: dict[str, str] = {}
+        for e in ops:
+            per_op[e["name"]] += e.get("dur", 0.0)
+            args = e.get("args") or {}
+            text.setdefault(e["name"], str(args.get("long_name") or args.get("hlo_op") or ""))
+        summary["ops"] = [
+            [_short(name), ms(us), _short(text[name], 160)] for name, us in per_op.most_common(top)
+        ]
+    return summary
 
 
 def _short(name: str, width: int = 90) -> str:

@@ -83,6 +83,7 @@ def test_device_stream_lines_are_summarised_per_step(tmp_path):
     assert summary["by_kind_ms"] == {"matmul": 0.4, "attention": 0.15, "other": 0.05}
     attention = "cudnn_generated_fort_native_sdpa_flash"
     assert summary["top"] == [["nvjet_hsh_gemm", 0.4], [attention, 0.15]]
+    assert summary["ops"] == [["fusion.1", 0.7, ""]]  # the XLA operation line, named apart
 
 
 def test_a_real_trace_condenses(tmp_path):
