@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
 
+from sycoca_jax import binaries
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.interop import open_clip_config, open_clip_weights
 from sycoca_jax.models import build, sycoca
@@ -74,10 +74,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     f = flags.FLAGS
-    try:
-        done = export_open_clip(f.workdir, f.out, f.step)
-    except (open_clip_config.OpenClipError, FileNotFoundError) as e:
-        sys.exit(f"export_open_clip: {e}")  # the input's fault: one line, no traceback
+    done = export_open_clip(f.workdir, f.out, f.step)
     print(f"wrote {f.out} ({done['tensors']} tensors) and {done['config_path']}")
     for note in done["notes"]:
         print(f"note: {note}")
@@ -93,4 +90,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    binaries.run_app(main)  # the input's faults (UserError) in one line, bugs with a traceback
