@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from flax import linen as nn
 
@@ -133,11 +133,7 @@ def import_open_clip(
     return dict(tensors=len(state), new_heads=new_heads, checkpoint=where, config=config)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    f = flags.FLAGS
+def main(f: flags.FlagValues) -> None:
     done = import_open_clip(
         f.model, f.weights, f.workdir, f.objective, f.scan, f.cls_mask, f.tokenizer, f.seed
     )
@@ -161,5 +157,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    binaries.run_app(main)  # the input's faults (UserError) in one line, bugs with a traceback
+    binaries.run_tool(main, define_flags)  # the input's faults (UserError) in one line
