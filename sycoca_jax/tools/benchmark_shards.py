@@ -8,10 +8,9 @@ The input pipeline's cost is set by JPEG decoding at the sizes real web data has
 here are what img2dataset (``--resize_mode=keep_ratio --image_size=256``) writes: shorter side
 256 px, varied aspect ratios, content with natural images' falling spectrum (smooth random fields
 from coarse to fine, sharp-edged shapes over them, sensor-like noise) so that quality-90 JPEGs are
-10-30 KB like CC3M's. Captions are 10-30 words. Shards are ``00000.tar`` ... holding
-``<key>.jpg``, ``<key>.txt`` and ``<key>.json`` per sample, keys numbered as img2dataset numbers
-them. Everything
-follows from the seed; no network.
+10-30 KB, as web photos at that size are. Captions are 10-30 words. Shards are ``00000.tar``
+... holding ``<key>.jpg``, ``<key>.txt`` and ``<key>.json`` per sample, keys numbered as
+img2dataset numbers them. Everything follows from the seed; no network.
 """
 
 from __future__ import annotations
