@@ -6,21 +6,23 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/device_benchmark.sh [--prepare] [--budget_s=S] [--steps=N] [--out=FILE]
+Usage: launch/device_benchmark.sh [--prepare] [--budget_s=S] [--steps=N] [--out=FILE] [--trace]
+                                  [--bench=PRESET@SWEEP ...]
 
 Run from the checkout's root on a machine with an accelerator and a bare JAX (jax, flax, optax,
 orbax, absl, numpy; no grain, tfds, sentencepiece, tensorboardX, pycocoevalcap: the benchmark
 imports none of them). It puts the checkout on PYTHONPATH, installs the wheels in .whl/ (what
 the host lacks, e.g. ml_collections) into a temporary folder if they are not importable, sources
-launch/xla_gpu.env on GPUs (XLA's GPU performance flags), then runs
-python -m sycoca_jax.tools.benchmark three times (one process per model, several compiled
-variants each) and prints one JSON line per variant:
+launch/xla_gpu.env on GPUs (XLA's GPU performance flags; one this jaxlib does not know is
+dropped with a note), prints a host line (jax, devices, XLA_FLAGS, and the bf16 matmul rate and
+copy bandwidth measured on random data), then runs python -m sycoca_jax.tools.benchmark once
+per model (several compiled variants each), most important first, one JSON line per variant:
 
-  1. configs/benchmark.py:openclip_b32 (CoCa, open_clip's coca_ViT-B-32 shapes), bf16:
-     batch 256 with attention_impl=xla and auto (cuDNN flash attention where it applies),
-     then batch 128 auto, then batch 256 auto with model.remat=dots;
-  2. configs/benchmark.py:b16 (SyCoCa-B/16), bf16: batch 128 and 256, attention auto;
-  3. configs/benchmark.py:b16,objective=coca: batch 256 (the SyCoCa/CoCa step-time ratio).
+  1. configs/benchmark.py:openclip_b32 (CoCa, open_clip's coca_ViT-B-32 shapes), bf16, batch
+     256: attention_impl=auto (cuDNN flash attention where it applies), then xla;
+  2. configs/benchmark.py:b16 (SyCoCa-B/16), bf16, batch 256, attention auto;
+  3. configs/benchmark.py:b16,objective=coca: the same (the SyCoCa/CoCa step-time ratio);
+  4. openclip_b32 batch 256 with model.remat=dots; openclip_b32 and b16 at batch 128.
 
 Variants left when the time budget is spent are printed as skipped. About 6 minutes on one
 H100/H200 (compiles dominate).
@@ -31,6 +33,11 @@ Options:
   --budget_s=S   stop starting new variants after S seconds in all (default 360; a
                  variant started by then still finishes)
   --steps=N      timed steps per variant (default 10, after 2 warm-up steps)
+  --bench=PRESET@SWEEP
+                 measure these instead of the list above (repeatable, in order), e.g.
+                 --bench='b16@batch_size=256;model.remat=dots,full'
+  --trace        also trace two steps of each variant and add where their device time went
+                 (tools.trace_summary: busy time, kernel time by kind, top kernels) to its line
   --out=FILE     also append the JSON lines to FILE (default: $OUT/benchmark.jsonl when OUT is
                  set)
   -h, --help     print this help
@@ -43,7 +50,7 @@ die() {
 }
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-prepare=0 budget=360 steps=10 out=""
+prepare=0 budget=360 steps=10 out="" trace="" points=()
 [[ -n ${OUT:-} ]] && out="$OUT/benchmark.jsonl"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -55,6 +62,8 @@ while [[ $# -gt 0 ]]; do
     --budget_s=*) budget=${1#*=} ;;
     --steps=*) steps=${1#*=} ;;
     --out=*) out=${1#*=} ;;
+    --bench=*@*) points+=("${1#*=}") ;;
+    --trace) trace=$(mktemp -d "${TMPDIR:-/tmp}/sycoca_trace.XXXXXX") ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
@@ -96,7 +105,25 @@ emit() { # one JSON line to stdout (and to --out)
   echo "$1"
   if [[ -n $out ]]; then echo "$1" >>"$out"; fi
 }
-emit "$("$python" -c 'import json, jax; print(json.dumps({"host": {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()], "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))')"
+host_line() { # jax, the devices, XLA_FLAGS and the measured bf16 matmul rate and bandwidth
+  "$python" -c 'import json, os, jax
+from sycoca_jax.tools.benchmark import measured_ceilings
+print(json.dumps({"host": {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""), "ceilings": measured_ceilings()}}))'
+}
+# A flag this jaxlib does not know aborts XLA at start-up: drop the ones it names and go on.
+host_err=$(mktemp "${TMPDIR:-/tmp}/sycoca_host.XXXXXX")
+if ! line=$(host_line 2>"$host_err"); then
+  unknown=$(grep -o -- '--xla_[a-z0-9_]*' "$host_err" | sort -u || true)
+  [[ -n $unknown ]] || { cat "$host_err" >&2; die "JAX could not start (above)"; }
+  for flag in $unknown; do
+    XLA_FLAGS=$(echo " $XLA_FLAGS " | sed -E "s/ ${flag}(=[^ ]*)? / /g; s/^ +//; s/ +$//")
+    echo "device_benchmark: this jaxlib lacks $flag; running without it" >&2
+  done
+  if [[ -n $XLA_FLAGS ]]; then export XLA_FLAGS; else unset XLA_FLAGS; fi
+  line=$(host_line)
+fi
+rm -f "$host_err"
+emit "$line"
 
 start=$SECONDS
 status=0
@@ -109,16 +136,22 @@ bench() { # $1: config spec, $2: sweep
   local line
   set +e
   "$python" -m sycoca_jax.tools.benchmark "--config=configs/benchmark.py:$1" "--sweep=$2" \
-    "--steps=$steps" --warmup=2 "--time_budget_s=$left" | while IFS= read -r line; do
+    "--steps=$steps" --warmup=2 "--time_budget_s=$left" ${trace:+"--trace_dir=$trace/$1"} | while IFS= read -r line; do
     emit "${line%\}}, \"config\": \"$1\"}"
   done
   local rc=${PIPESTATUS[0]}
   set -e
   [[ $rc -eq 0 ]] || status=1
 }
-bench openclip_b32 'batch_size=256;model.attention_impl=xla,auto'
-bench openclip_b32 'batch_size=128;model.attention_impl=auto'
-bench b16 'batch_size=128,256;model.attention_impl=auto'
+if [[ ${#points[@]} -gt 0 ]]; then
+  for point in "${points[@]}"; do bench "${point%%@*}" "${point#*@}"; done
+  exit "$status"
+fi
+# Most important first: a budget cut keeps the targets' own points.
+bench openclip_b32 'batch_size=256;model.attention_impl=auto,xla'
+bench b16 'batch_size=256;model.attention_impl=auto'
 bench b16,objective=coca 'batch_size=256;model.attention_impl=auto'
 bench openclip_b32 'batch_size=256;model.attention_impl=auto;model.remat=dots'
+bench openclip_b32 'batch_size=128;model.attention_impl=auto'
+bench b16 'batch_size=128;model.attention_impl=auto'
 exit "$status"

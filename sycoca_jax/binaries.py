@@ -2,14 +2,16 @@
 logging, the multi-host runtime, the config from flags, the console-script entry, and one-line
 errors.
 
-``run`` (and ``run_app`` for the tools) wrap ``app.run``: an error the user caused or can act on
-(a ``sycoca_jax.errors.UserError``: a bad config value, an unknown ``--config.x.y`` key, a missing
-checkpoint, a busy workdir, a damaged checkpoint) prints one line on stderr and exits with 2 (a
-bad flag or config value) or 1; any other exception keeps its traceback, since it is a bug.
+``run`` (and ``run_tool`` / ``run_app`` for the tools) wrap ``app.run``: an error the user caused
+or can act on (a ``sycoca_jax.errors.UserError``: a bad config value, an unknown ``--config.x.y``
+key, a missing checkpoint, a busy workdir, a damaged checkpoint) prints one line on stderr and
+exits with 2 (a bad flag or config value) or 1; any other exception keeps its traceback, since it
+is a bug.
 """
 
 from __future__ import annotations
 
+import functools
 import logging as std_logging
 import os
 import sys
@@ -187,10 +189,14 @@ def run_app(main: Callable[[list[str]], Any]) -> None:
     app.run(guard(main), flags_parser=parse_flags)
 
 
-def run(main: Callable[[flags.FlagValues], None], define: Callable[[], None]) -> None:
-    """A binary's entry (``python -m`` and its console script): define its flags, parse them,
-    reject stray positional arguments, resolve and check ``--config`` (``config_from_flags``:
-    before any work), ``start``, then ``main(flags.FLAGS)``; user errors in one line."""
+def run_tool(
+    main: Callable[[flags.FlagValues], Any],
+    define: Callable[[], None],
+    verbosity: int | None = logging.INFO,
+) -> None:
+    """A tool's entry (``python -m``): define its flags, parse them, reject stray positional
+    arguments, log at ``verbosity`` (None: leave it), then ``main(flags.FLAGS)``; user errors in
+    one line."""
     before = set(flags.FLAGS)
     define()
     _help_like_python_m(main.__module__, set(flags.FLAGS) - before)
@@ -198,11 +204,24 @@ def run(main: Callable[[flags.FlagValues], None], define: Callable[[], None]) ->
     def _main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        config_from_flags(flags.FLAGS)
-        start()
+        if verbosity is not None:
+            logging.set_verbosity(verbosity)
         main(flags.FLAGS)
 
     run_app(_main)
+
+
+def run(main: Callable[[flags.FlagValues], None], define: Callable[[], None]) -> None:
+    """A binary's entry (``python -m`` and its console script): ``run_tool`` that first resolves
+    and checks ``--config`` (``config_from_flags``: before any work), then ``start``s."""
+
+    @functools.wraps(main)
+    def _main(flag_values: flags.FlagValues) -> None:
+        config_from_flags(flag_values)
+        start(flag_values)
+        main(flag_values)
+
+    run_tool(_main, define, verbosity=None)
 
 
 def _help_like_python_m(module: str, names: set[str]) -> None:

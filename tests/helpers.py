@@ -1,8 +1,12 @@
-"""Helpers shared by tests: the repository root, config loading, random captions."""
+"""Helpers shared by tests: the repository root, config loading, random captions, running a
+binary."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 
@@ -41,3 +45,25 @@ def tiny_config(data_dir: str, arg: str = "tiny", **data_overrides):
     for key, value in data_overrides.items():
         config.data[key] = value
     return config
+
+
+def run_module(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """``python -m module args`` on the CPU (one device), this checkout first on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess, program: str) -> str:
+    """The one ``<program>: error:`` line of stderr; there is no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if f"{program}: error:" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]

@@ -5,8 +5,6 @@ never writes and accepts a workdir, its checkpoints/ folder or one step folder."
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,33 +14,13 @@ from sycoca_jax import binaries
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.errors import ConfigError, UserError
 from sycoca_jax.tools import inspect_checkpoint
-from tests.helpers import ROOT
+from tests.helpers import ROOT, one_error_line, run_module
 
 TINY = f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny"
 
 
-def _run(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def _one_error_line(result: subprocess.CompletedProcess, program: str) -> str:
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if f"{program}: error:" in line]
-    assert len(lines) == 1, result.stderr[-3000:]
-    return lines[0]
-
-
 def test_a_misspelt_config_key_is_one_line_naming_the_closest(tmp_path):
-    result = _run(
+    result = run_module(
         "sycoca_jax.main",
         TINY,
         f"--workdir={tmp_path}",
@@ -50,14 +28,14 @@ def test_a_misspelt_config_key_is_one_line_naming_the_closest(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    line = _one_error_line(result, "sycoca_jax.main")
+    line = one_error_line(result, "sycoca_jax.main")
     assert "did you mean --config.optim.lr?" in line
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
 def test_a_zero_cadence_fails_before_any_work(tmp_path):
     """Today: the step compiles, then ZeroDivisionError."""
-    result = _run(
+    result = run_module(
         "sycoca_jax.main",
         TINY,
         f"--workdir={tmp_path / 'run'}",
@@ -66,29 +44,29 @@ def test_a_zero_cadence_fails_before_any_work(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    line = _one_error_line(result, "sycoca_jax.main")
+    line = one_error_line(result, "sycoca_jax.main")
     assert "checkpoint_every_steps=0 must be a positive integer" in line
     assert "batch_size=-8 must be a positive integer" in line
     assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_without_a_checkpoint_is_one_line(tmp_path):
-    result = _run("sycoca_jax.evaluate", TINY, f"--workdir={tmp_path / 'none'}", cwd=tmp_path)
+    result = run_module("sycoca_jax.evaluate", TINY, f"--workdir={tmp_path / 'none'}", cwd=tmp_path)
     assert result.returncode == 1
-    assert "no checkpoint under" in _one_error_line(result, "sycoca_jax.evaluate")
+    assert "no checkpoint under" in one_error_line(result, "sycoca_jax.evaluate")
 
 
 def test_inspect_checkpoint_on_a_file_is_one_line_and_writes_nothing(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("not a checkpoint\n")
-    result = _run("sycoca_jax.tools.inspect_checkpoint", str(readme), cwd=tmp_path)
+    result = run_module("sycoca_jax.tools.inspect_checkpoint", str(readme), cwd=tmp_path)
     assert result.returncode == 1
-    assert "no checkpoint at" in _one_error_line(result, "sycoca_jax.tools.inspect_checkpoint")
+    assert "no checkpoint at" in one_error_line(result, "sycoca_jax.tools.inspect_checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
 def test_prepare_with_a_missing_source_is_one_line(tmp_path):
-    result = _run(
+    result = run_module(
         "sycoca_jax.data.prepare",
         "local",
         "--source=/no/such/file.jsonl",

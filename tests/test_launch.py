@@ -27,6 +27,7 @@ RECIPE_KEYS = (
     "--config.mesh.rules",
     "--config.batch_size",
     "--config.microbatches",
+    "--config.model.remat",  # chosen by measurement (8xH100: docs/performance.md)
 )
 GPU_RECIPE_DEVICES = {"8xH100": 8}
 

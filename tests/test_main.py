@@ -19,7 +19,7 @@ import pytest
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax import config_diff, sharding, train
 from sycoca_jax.metrics import read_metrics
-from sycoca_jax.tools import inspect_checkpoint
+from sycoca_jax.tools import inspect_checkpoint, trace_summary
 from sycoca_jax.train import pretrain, profiling
 from tests.helpers import ROOT, tiny_config
 
@@ -65,6 +65,8 @@ def test_profile_steps_write_a_trace(tiny_run):
     _, workdir, _ = tiny_run
     traces = list(pathlib.Path(workdir, "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+    summary = trace_summary.summarize(trace_summary.find_trace(traces[0].parent), steps=2)
+    assert summary["kernel_ms"] > 0
 
 
 @pytest.mark.parametrize("text", ["0,2", "5,3", "a,b", "1,2,3"])

@@ -100,5 +100,30 @@ def test_device_benchmark_help_arguments_and_budget(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = [json.loads(x) for x in result.stdout.splitlines()]
     assert lines[0]["host"]["jax"] == jax.__version__
-    assert len(lines) == 6 and all(x.get("skipped") for x in lines[1:])
+    assert lines[0]["host"]["ceilings"]["matmul_bf16_tflops"] > 0
+    assert len(lines) == 7 and all(x.get("skipped") for x in lines[1:])
     assert Path(out).read_text().splitlines() == result.stdout.splitlines()
+
+
+def test_device_benchmark_drops_an_xla_flag_this_jaxlib_lacks(tmp_path):
+    """An unknown flag in XLA_FLAGS aborts XLA at start-up; the launcher names it, drops it and
+    measures anyway (a GPU flag list written for one jaxlib must not cost a lease on another).
+    ``--bench`` measures the points asked for instead of the default list."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_no_such_flag=true")
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "device_benchmark.sh"), "--budget_s=0", "--bench=b16@batch_size=8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "lacks --xla_no_such_flag" in result.stderr
+    host, *points = [json.loads(x) for x in result.stdout.splitlines()]
+    assert "xla_no_such_flag" not in host["host"]["xla_flags"]
+    # --bench replaces the default list: only the point asked for (skipped: no time left)
+    assert [(p["config"], p["sweep"], "skipped" in p) for p in points] == [
+        ("b16", "batch_size=8", True)
+    ]

@@ -25,12 +25,11 @@ import os
 from collections.abc import Iterable
 
 import ftfy
-import numpy as np
 import tokenizers
 from etils import epath
 
 from sycoca_jax.data.tokenizer import CLIP_BPE as REFERENCE
-from sycoca_jax.data.tokenizer import SpecialIds, pack_ids
+from sycoca_jax.data.tokenizer import BaseTokenizer, SpecialIds
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses (the file holds more)
@@ -108,7 +107,7 @@ def _build(merges_text: str) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-class ClipBpeTokenizer:
+class ClipBpeTokenizer(BaseTokenizer):
     """CLIP's BPE behind the ``Tokenizer`` interface; picklable by value (the merges file's
     bytes travel, so grain workers need no access to it)."""
 
@@ -144,19 +143,6 @@ class ClipBpeTokenizer:
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` (after open_clip's cleaning), without start/end."""
         return self._tok.encode(clean(text), add_special_tokens=False).ids
-
-    def tokenize(self, text: str, max_text_len: int) -> np.ndarray:
-        """``[start, pieces..., end, pad...]`` as int32 of shape ``(max_text_len + 1,)``."""
-        return self.tokenize_ids(self.encode(text), max_text_len)
-
-    def tokenize_ids(self, ids: Iterable[int], max_text_len: int) -> np.ndarray:
-        return pack_ids(ids, max_text_len, self.special_ids)
-
-    def tokenize_batch(self, texts: Iterable[str], max_text_len: int) -> np.ndarray:
-        rows = [self.tokenize(t, max_text_len) for t in texts]
-        if not rows:
-            return np.zeros((0, max_text_len + 1), np.int32)
-        return np.stack(rows)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: stops at the first end token, ignores start and pad; words are

@@ -23,7 +23,8 @@ import io
 import json
 import multiprocessing
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -164,7 +165,7 @@ class ImageTextDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self,
         *,
         name: str,
-        split_sources: dict[str, str] | None = None,
+        split_sources: dict[str, Any] | None = None,
         options: ConversionOptions | None = None,
         **kwargs,
     ):
@@ -195,6 +196,11 @@ class ImageTextDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             split: self._generate_examples(split, source)
             for split, source in self._split_sources.items()
         }
+
+    def check_sources(self) -> None:
+        """Raises ``FileNotFoundError`` naming a missing input; run before anything is written."""
+        for source in self._split_sources.values():
+            readers.find_inputs(source)
 
     def split_counter(self, split: str) -> SplitCounter:
         return SplitCounter(self.counts.setdefault(split, collections.Counter()))
@@ -227,46 +233,42 @@ def conversion_summary(counts: dict[str, collections.Counter]) -> dict:
 
 
 def convert_local(
-    split_sources: dict[str, str],
+    split_sources: dict[str, Any],  # each split's source, in the form builder_class reads
     *,
     name: str,
     data_dir: str | None = None,
     options: ConversionOptions | None = None,
+    builder_class: type[ImageTextDataset] = ImageTextDataset,
 ) -> dict:
-    """Builds ``<data_dir>/<name>/1.0.0`` from local files; returns (and writes) the summary."""
-    data_dir = sources.resolve_data_dir(data_dir)
-    builder = ImageTextDataset(
+    """Builds ``<data_dir>/<name>/1.0.0`` from local files with ``builder_class`` (image-caption
+    pairs; ``vqa_converter.VQADataset`` for questions and answers); returns (and writes) the
+    summary."""
+    builder = builder_class(
         name=name,
         split_sources=split_sources,
         options=options,
-        data_dir=data_dir,
+        data_dir=sources.resolve_data_dir(data_dir),
         file_format="array_record",
     )
-
-    def check_inputs() -> None:
-        for source in split_sources.values():
-            readers.find_inputs(source)
-
-    return build_with_summary(builder, name, check_inputs)
+    return build_with_summary(builder)
 
 
-def build_with_summary(
-    builder: tfds.core.GeneratorBasedBuilder, name: str, check_inputs: Callable[[], None]
-) -> dict:
+def build_with_summary(builder: ImageTextDataset) -> dict:
     """Builds a converter's dataset and writes its ``conversion_summary.json``: refuses to
-    overwrite an existing build, and runs ``check_inputs`` (raising on a missing input) before
-    anything is written. ``builder.counts`` holds what its generator wrote and skipped.
+    overwrite an existing build, and checks the inputs (``builder.check_sources``: raising on a
+    missing one) before anything is written. ``builder.counts`` holds what its generator wrote
+    and skipped.
 
     A split without one usable record fails the build with ``NothingUsableError`` (nothing is
     written but the summary, in the folder the data would have filled; a new build may reuse it).
     """
-    folder = epath.Path(builder.data_dir)
+    name, folder = builder.name, epath.Path(builder.data_dir)
     if builder.is_prepared():
         raise FileExistsError(
             f"dataset {name!r} already exists in {folder}; delete that folder to rebuild it, or "
             "pick another --name"
         )
-    check_inputs()
+    builder.check_sources()
     if folder.exists() and [p.name for p in folder.iterdir()] == [SUMMARY_FILE]:
         folder.rmtree()  # what a failed conversion left: its summary alone
     try:

@@ -32,6 +32,7 @@ Train one from a dataset's captions::
 
 from __future__ import annotations
 
+import abc
 import argparse
 import io
 import os
@@ -80,7 +81,31 @@ def pack_ids(ids: Iterable[int], max_text_len: int, special: SpecialIds) -> np.n
     return out
 
 
-class Tokenizer:
+class BaseTokenizer(abc.ABC):
+    """What every tokenizer shares, so both pack captions one way: texts and ids into
+    ``[bos, ids..., eos, pad...]`` rows. A subclass gives ``encode`` and ``special_ids``."""
+
+    special_ids: SpecialIds
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Pieces of ``text`` as ids, without bos/eos."""
+
+    def tokenize(self, text: str, max_text_len: int) -> np.ndarray:
+        """``[bos, pieces..., eos, pad...]`` as int32 of shape ``(max_text_len + 1,)``."""
+        return self.tokenize_ids(self.encode(text), max_text_len)
+
+    def tokenize_ids(self, ids: Iterable[int], max_text_len: int) -> np.ndarray:
+        return pack_ids(ids, max_text_len, self.special_ids)
+
+    def tokenize_batch(self, texts: Iterable[str], max_text_len: int) -> np.ndarray:
+        rows = [self.tokenize(t, max_text_len) for t in texts]
+        if not rows:
+            return np.zeros((0, max_text_len + 1), np.int32)
+        return np.stack(rows)
+
+
+class Tokenizer(BaseTokenizer):
     """A SentencePiece model seen through the fixed pad/bos/eos/unk ids; picklable (grain
     workers receive it by value)."""
 
@@ -122,19 +147,6 @@ class Tokenizer:
         """Pieces of ``text`` as ids, without bos/eos."""
         ids = self._sp.encode(text)
         return [int(i) for i in self._to_ours[np.asarray(ids, np.int64)]] if ids else []
-
-    def tokenize(self, text: str, max_text_len: int) -> np.ndarray:
-        """``[bos, pieces..., eos, pad...]`` as int32 of shape ``(max_text_len + 1,)``."""
-        return self.tokenize_ids(self.encode(text), max_text_len)
-
-    def tokenize_ids(self, ids: Sequence[int], max_text_len: int) -> np.ndarray:
-        return pack_ids(ids, max_text_len, self.special_ids)
-
-    def tokenize_batch(self, texts: Iterable[str], max_text_len: int) -> np.ndarray:
-        rows = [self.tokenize(t, max_text_len) for t in texts]
-        if not rows:
-            return np.zeros((0, max_text_len + 1), np.int32)
-        return np.stack(rows)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: stops at the first eos, ignores bos and pad."""
@@ -183,7 +195,7 @@ def bundled_model_path() -> str:
     return str(resources.files("sycoca_jax.data").joinpath(BUNDLED_SHAPES_MODEL))
 
 
-def load_tokenizer(path: str | None, dataset: str | None = None) -> Any:
+def load_tokenizer(path: str | None, dataset: str | None = None) -> BaseTokenizer:
     """Loads ``path`` (a SentencePiece model, or ``clip_bpe[:PATH]``); with no path, the bundled
     tokenizer of ``sycoca_shapes``."""
     if path and (path == CLIP_BPE or path.startswith(CLIP_BPE + ":")):
@@ -203,7 +215,7 @@ def load_tokenizer(path: str | None, dataset: str | None = None) -> Any:
     )
 
 
-def check_model_fits(tokenizer: Any, model_config: Mapping[str, Any]) -> None:
+def check_model_fits(tokenizer: BaseTokenizer, model_config: Mapping[str, Any]) -> None:
     """The model config's vocabulary holds the tokenizer's ids and states its special ids."""
     if tokenizer.vocab_size > model_config["vocab_size"]:
         raise ValueError(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sycoca_jax.data import converter, readers, sources
+from sycoca_jax.data import converter, readers
 
 QA = tuple[str, list[str]]
 
@@ -133,6 +133,12 @@ class VQADataset(converter.ImageTextDataset, skip_registration=True):
             ),
         )
 
+    def check_sources(self) -> None:
+        for source in self._split_sources.values():
+            for path in source if isinstance(source, tuple) else (source,):
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"VQA source {path!r} does not exist")
+
     def _generate_examples(self, split: str, source: Any):
         counter = self.split_counter(split)
         rows = official_rows(*source) if isinstance(source, tuple) else jsonl_rows(source)
@@ -163,19 +169,6 @@ def convert_vqa(
 ) -> dict:
     """Builds ``<data_dir>/<name>/1.0.0``; a source is a JSONL path or the official
     ``(questions, annotations, image folder)``. Returns (and writes) the summary."""
-    data_dir = sources.resolve_data_dir(data_dir)
-    builder = VQADataset(
-        name=name,
-        split_sources=split_sources,
-        options=options,
-        data_dir=data_dir,
-        file_format="array_record",
+    return converter.convert_local(
+        split_sources, name=name, data_dir=data_dir, options=options, builder_class=VQADataset
     )
-
-    def check_inputs() -> None:
-        for source in split_sources.values():
-            for path in source if isinstance(source, tuple) else (source,):
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"VQA source {path!r} does not exist")
-
-    return converter.build_with_summary(builder, name, check_inputs)

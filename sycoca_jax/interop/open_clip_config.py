@@ -19,10 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from sycoca_jax.data.tokenizer import SpecialIds
+from sycoca_jax.errors import UserError
 
 
-class OpenClipError(ValueError):
+class OpenClipError(UserError, ValueError):
     """open_clip weights or a config we cannot use as asked; the message says why and the fix."""
+
+
+class OpenClipFileNotFoundError(UserError, FileNotFoundError):
+    """A weights file or open_clip model config (``.json``) that is not there."""
 
 
 CLIP_IDS = SpecialIds(pad=0, bos=49406, eos=49407)  # CLIP BPE: pad 0, <start/end_of_text>

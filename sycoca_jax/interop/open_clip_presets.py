@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import Any
 
 from sycoca_jax.data.tokenizer import SENTENCEPIECE_IDS, SpecialIds
-from sycoca_jax.interop.open_clip_config import CLIP_IDS, OpenClipError, model_fields
+from sycoca_jax.interop.open_clip_config import (
+    CLIP_IDS,
+    OpenClipError,
+    OpenClipFileNotFoundError,
+    model_fields,
+)
 
 # The open_clip CoCa models (their model_configs, as released with open_clip 3.3.0), and
 # coca_tiny: the same layout at a size for CPUs and tests, with the embedded data's tokenizer.
@@ -143,6 +149,8 @@ def preset(name: str) -> dict[str, Any]:
     """The open_clip model config of a preset name, or read from a ``.json`` file (open_clip's
     model config format)."""
     if name.endswith(".json"):
+        if not os.path.exists(name):
+            raise OpenClipFileNotFoundError(f"no open_clip model config at {name!r}")
         with open(name, encoding="utf-8") as f:
             return json.load(f)
     if name not in OPEN_CLIP_MODELS:

@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sycoca_jax.interop.open_clip_config import OpenClipError, check_open_clip_layout
+from sycoca_jax.interop.open_clip_config import (
+    OpenClipError,
+    OpenClipFileNotFoundError,
+    check_open_clip_layout,
+)
 from sycoca_jax.models import build, convert
 from sycoca_jax.models.sycoca import SyCoCa
 
@@ -304,7 +308,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no weights file at {path!r}")
+        raise OpenClipFileNotFoundError(f"no weights file at {path!r}")
     kind = _file_kind(path)
     if kind == "pickle" or path.lower().endswith(PICKLE_SUFFIXES):
         raise OpenClipError(

@@ -75,14 +75,16 @@ def _platform() -> str:
 
 def _cudnn_supports(query: Array, key: Array, mask: Mask) -> bool:
     """cuDNN flash attention's limits (jax's check_is_flash_attention): bf16/fp16, head dim a
-    multiple of 8 up to 128, and, with a padding mask (passed as a bias), even lengths."""
+    multiple of 8 up to 128, and even lengths. jax 0.11 checks the lengths again inside the
+    gradient's forward rule, where a refusal can no longer fall back to XLA (seen on an H200:
+    "Unsupported sequence length Q 49, KV 49" while differentiating ViT-B/32's 49 patches), so
+    odd lengths are refused here, with or without a mask."""
     if isinstance(mask, jax.Array) or query.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     depth = query.shape[-1]
     if depth % 8 or depth > 128:
         return False
-    padded = isinstance(mask, AttentionMask) and mask.key_valid is not None
-    return not (padded and (query.shape[1] % 2 or key.shape[1] % 2))
+    return not (query.shape[1] % 2 or key.shape[1] % 2)
 
 
 def _splash_supports(query: Array, key: Array, mask: Mask) -> bool:
@@ -129,7 +131,10 @@ def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     causal = isinstance(mask, AttentionMask) and mask.causal
     padding = None
     if isinstance(mask, AttentionMask) and mask.key_valid is not None:
-        padding = mask.key_valid[:, None, None, :]
+        # cuDNN takes the mask as a bias of the full (query, key) shape: "Bias must have same
+        # seq length as QKV" refused (b, 1, 1, S) on jax 0.11.
+        b, t, s = query.shape[0], query.shape[1], key.shape[1]
+        padding = jnp.broadcast_to(mask.key_valid[:, None, None, :], (b, 1, t, s))
     return jax.nn.dot_product_attention(
         query, key, value, mask=padding, is_causal=causal, implementation="cudnn"
     )

@@ -5,6 +5,9 @@ r"""Steady-state training-step speed of a config on the devices present, on synt
   python -m sycoca_jax.tools.benchmark --config=configs/benchmark.py:openclip_b32 \
       --sweep='batch_size=128,256;model.remat=none,dots;model.attention_impl=xla,cudnn'
 
+``--trace_dir=DIR`` also traces two more steps of each point and adds where their device time
+went (``tools.trace_summary``: busy time, matmul/attention/other kernel time, top kernels).
+
 One JSON line per point of the sweep (every combination of the listed values; one point without
 ``--sweep``), each compiled once: compile seconds, step milliseconds, samples/s, TFLOP/s and MFU
 per device from the analytic FLOP count (``sycoca_jax.flops``; MFU is null where the chip's peak
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import sys
 import time
 import traceback
@@ -39,9 +43,12 @@ from ml_collections import config_flags
 from sycoca_jax import binaries, flops, hardware, sharding
 from sycoca_jax.models import masking, sycoca, vit
 from sycoca_jax.models.text import caption_input_and_target
+from sycoca_jax.tools import trace_summary
 from sycoca_jax.tools.compile_for import NOMINAL_TRAIN_EXAMPLES
 from sycoca_jax.train import setup as train_setup
 from sycoca_jax.train import step as train_step
+
+TRACE_STEPS = 2
 
 
 def synthetic_batch(config: Any, batch_sharding: Any, seed: int = 0) -> dict[str, jax.Array]:
@@ -199,8 +206,46 @@ def make_setup(config: Any, mesh: Any) -> train_setup.TrainSetup:
     return train_setup.make_setup(config, mesh, num_train_examples=NOMINAL_TRAIN_EXAMPLES)
 
 
-def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
-    """Compile ``config``'s train step once and time it on one synthetic batch."""
+def measured_ceilings(size: int | None = None, copy_mib: int | None = None) -> dict:
+    """The first device's bf16 matrix-product rate and memory bandwidth, measured on random
+    data: the datasheet peaks that MFU divides by are leads, these are what the chip does here.
+    Accelerators get shapes that fill them; a CPU gets small ones, so this stays quick there."""
+    cpu = jax.devices()[0].platform == "cpu"
+    size = size or (512 if cpu else 8192)
+    copy_mib = copy_mib or (16 if cpu else 1024)
+    a, b = jax.random.normal(jax.random.key(0), (2, size, size), jnp.bfloat16)
+    matmul_s = _time(jax.jit(jnp.matmul), (a, b), 10, 2)
+    x = jax.random.normal(jax.random.key(1), (copy_mib * 2**18,), jnp.float32)
+    copy_s = _time(jax.jit(lambda x: x * 1.5), (x,), 10, 2)  # reads and writes x once
+    return {
+        "matmul_bf16_tflops": round(2 * size**3 / matmul_s / 1e12, 3),
+        "copy_gb_per_s": round(2 * x.nbytes / copy_s / 1e9, 1),
+    }
+
+
+def _traced(step: Any, state: Any, trace_dir: str, steps: int) -> tuple[Any, dict]:
+    """Run ``steps`` more steps under ``jax.profiler`` and condense the trace
+    (``tools.trace_summary``: six kernels for the point's line, forty in ``summary.json`` beside
+    the trace); a trace that cannot be read is reported, not fatal."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = step(state)
+        jax.block_until_ready((state, metrics))
+    try:
+        path = trace_summary.find_trace(trace_dir)
+        details = trace_summary.summarize(path, steps, top=40)
+        with open(os.path.join(trace_dir, "summary.json"), "w") as f:
+            json.dump(details, f, indent=1)
+        return state, trace_summary.summarize(path, steps, top=6)
+    except (OSError, ValueError, KeyError) as e:
+        return state, {"error": f"{type(e).__name__}: {e}"}
+
+
+def benchmark(
+    config: Any, steps: int = 20, warmup: int = 3, trace_dir: str | None = None
+) -> dict[str, Any]:
+    """Compile ``config``'s train step once and time it on one synthetic batch; with
+    ``trace_dir``, also trace two more steps there and summarise where their time went."""
     mesh = sharding.make_mesh(config.mesh.shape)
     setup = make_setup(config, mesh)
     state = train_setup.initial_state(setup, config.seed)
@@ -219,6 +264,9 @@ def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
         state, metrics = step(state)
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
+    trace = None
+    if trace_dir:
+        state, trace = _traced(step, state, trace_dir, TRACE_STEPS)
     masking_s = masking_seconds(setup, state["params"], batch, steps, warmup)
     flops_per_step = flops.train_flops_per_example(config.model) * config.batch_size
     tflops = flops_per_step / seconds / mesh.size / 1e12
@@ -244,23 +292,30 @@ def benchmark(config: Any, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
         "masking_ms": None if masking_s is None else round(masking_s * 1e3, 3),
         "masking_share": None if masking_s is None else round(masking_s / seconds, 4),
         "loss": float(metrics["loss"]),
+        **({} if trace is None else {"trace": trace}),
     }
 
 
 def sweep(
-    config: Any, points: list[dict[str, str]], steps: int, warmup: int, budget_s: float = 0
+    config: Any,
+    points: list[dict[str, str]],
+    steps: int,
+    warmup: int,
+    budget_s: float = 0,
+    trace_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark each point in turn, printing its JSON line as soon as it is measured; points
     past ``budget_s`` seconds (0: no limit) are reported as skipped."""
     start = time.perf_counter()
     results = []
-    for point in points:
+    for index, point in enumerate(points):
         line: dict[str, Any] = {"point": point}
+        point_trace = os.path.join(trace_dir, f"point{index}") if trace_dir else None
         if budget_s and time.perf_counter() - start > budget_s:
             line["skipped"] = f"over the time budget of {budget_s:.0f} s"
         else:
             try:
-                line.update(benchmark(apply_point(config, point), steps, warmup))
+                line.update(benchmark(apply_point(config, point), steps, warmup, point_trace))
             except Exception as e:  # one bad point must not lose the rest of the sweep
                 traceback.print_exc(file=sys.stderr)
                 line["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
@@ -276,7 +331,7 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     config = binaries.config_from_flags()
     if not f.sweep and not f.json:
-        result = benchmark(config, f.steps, f.warmup)
+        result = benchmark(config, f.steps, f.warmup, f.trace_dir or None)
         for key, value in result.items():
             print(f"{key:<28}{value}")
         return
@@ -286,7 +341,7 @@ def main(argv: list[str]) -> None:
             apply_point(config, point)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    results = sweep(config, points, f.steps, f.warmup, f.time_budget_s)
+    results = sweep(config, points, f.steps, f.warmup, f.time_budget_s, f.trace_dir or None)
     sys.exit(1 if any("error" in r for r in results) else 0)
 
 
@@ -303,6 +358,12 @@ def define_flags() -> None:
         "JSON line each, e.g. 'batch_size=128,256;model.remat=none,dots'.",
     )
     flags.DEFINE_float("time_budget_s", 0, "Skip the points left after this many seconds.")
+    flags.DEFINE_string(
+        "trace_dir",
+        "",
+        f"Also trace {TRACE_STEPS} steps of each point into this folder and add where their "
+        "device time went (tools.trace_summary) to the point's line.",
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from sycoca_jax import decoding
+from sycoca_jax import binaries, decoding
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.tokenizer import SENTENCEPIECE_IDS, SpecialIds, load_tokenizer, pack_ids
 from sycoca_jax.evaluation import caption_metrics
@@ -55,15 +55,7 @@ def _caption(model: SyCoCa, params: Any, num_tokens: int, images, indices) -> ja
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _most_relevant(model: SyCoCa, params: Any, keep: int, images, tokens) -> jax.Array:
-    inputs = model.apply({"params": params}, images, tokens, method=model.relevance_inputs)
-    relevance = masking.relevance_scores(
-        inputs["patch_embeddings"],
-        inputs["token_embeddings"],
-        inputs["token_valid"],
-        model.score_mode,
-        inputs["temperature"],
-    )
-    return masking.keep_most_relevant(relevance, keep)
+    return masking.keep_most_relevant(visualize.relevance(model, params, images, tokens), keep)
 
 
 def _as_tokens(ids: np.ndarray, length: int, special: SpecialIds = SENTENCEPIECE_IDS) -> np.ndarray:
@@ -128,9 +120,6 @@ def compare(workdir: str, num: int = 512, split: str = "test", seed: int = 0) ->
     return result
 
 
-FLAGS = flags.FLAGS
-
-
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training workdir with a captioning model.")
     flags.DEFINE_integer("num", 512, "Images to caption.")
@@ -139,13 +128,9 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    print(json.dumps(compare(FLAGS.workdir, FLAGS.num, FLAGS.split, FLAGS.seed), indent=2))
+def main(f: flags.FlagValues) -> None:
+    print(json.dumps(compare(f.workdir, f.num, f.split, f.seed), indent=2))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    binaries.run_tool(main, define_flags)

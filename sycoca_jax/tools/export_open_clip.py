@@ -1,11 +1,8 @@
 r"""Export a checkpoint in open_clip's CoCa layout as an open_clip state dict (``.safetensors``).
 
-Start from open_clip CoCa weights, continue as SyCoCa, hand the result back::
+Hand a run back to open_clip (the whole round trip, import, training, export, is in
+``sycoca_jax.tools.import_open_clip``)::
 
-  python -m sycoca_jax.tools.import_open_clip --model=coca_ViT-B-32 \
-      --weights=open_clip_model.safetensors --workdir=/runs/coca_b32_import --objective=sycoca
-  python -m sycoca_jax.main --config=configs/open_clip.py:model=coca_ViT-B-32,data=cc3m \
-      --config.init.checkpoint=/runs/coca_b32_import --workdir=/runs/sycoca_b32
   python -m sycoca_jax.tools.export_open_clip --workdir=/runs/sycoca_b32 \
       --out=/runs/sycoca_b32.safetensors
 
@@ -22,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
+from sycoca_jax import binaries
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.interop import open_clip_config, open_clip_weights
 from sycoca_jax.models import build, sycoca
@@ -69,15 +66,8 @@ def export_open_clip(workdir: str, out: str, step: int | None = None) -> dict[st
     return dict(tensors=len(state), dropped=dropped, notes=notes, config_path=config_path)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    f = flags.FLAGS
-    try:
-        done = export_open_clip(f.workdir, f.out, f.step)
-    except (open_clip_config.OpenClipError, FileNotFoundError) as e:
-        sys.exit(f"export_open_clip: {e}")  # the input's fault: one line, no traceback
+def main(f: flags.FlagValues) -> None:
+    done = export_open_clip(f.workdir, f.out, f.step)
     print(f"wrote {f.out} ({done['tensors']} tensors) and {done['config_path']}")
     for note in done["notes"]:
         print(f"note: {note}")
@@ -92,5 +82,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    binaries.run_tool(main, define_flags)  # the input's faults (UserError) in one line

@@ -27,19 +27,24 @@ reference (``clip_bpe``: CLIP's BPE from the installed open_clip package).
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from flax import linen as nn
 
+from sycoca_jax import binaries
 from sycoca_jax import checkpoint as ckpt
 from sycoca_jax.data import tokenizer as tokenizers
-from sycoca_jax.interop import open_clip_config, open_clip_presets, open_clip_weights
+from sycoca_jax.errors import UserError
+from sycoca_jax.interop import open_clip_presets, open_clip_weights
 from sycoca_jax.models import sycoca
+
+
+class WorkdirNotEmptyError(UserError, FileExistsError):
+    """The import would mix its step 0 with checkpoints already in the workdir."""
 
 
 def build_config(
@@ -105,7 +110,9 @@ def import_open_clip(
     was done (``tensors``, ``new_heads``, ``checkpoint``)."""
     directory = epath.Path(workdir) / ckpt.CHECKPOINT_DIR
     if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
+        raise WorkdirNotEmptyError(
+            f"{workdir} already holds checkpoints; import into a new --workdir"
+        )
     config = build_config(model, objective, scan, cls_mask, tokenizer)
     fields = config["model"]
     _check_tokenizer(config["data"]["tokenizer"], fields)
@@ -126,17 +133,10 @@ def import_open_clip(
     return dict(tensors=len(state), new_heads=new_heads, checkpoint=where, config=config)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    f = flags.FLAGS
-    try:
-        done = import_open_clip(
-            f.model, f.weights, f.workdir, f.objective, f.scan, f.cls_mask, f.tokenizer, f.seed
-        )
-    except (open_clip_config.OpenClipError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"import_open_clip: {e}")  # the input's fault: one line, no traceback
+def main(f: flags.FlagValues) -> None:
+    done = import_open_clip(
+        f.model, f.weights, f.workdir, f.objective, f.scan, f.cls_mask, f.tokenizer, f.seed
+    )
     print(
         f"wrote {done['checkpoint']}: {done['tensors']} open_clip tensors"
         + (f"; new: {', '.join(done['new_heads'])}" if done["new_heads"] else "")
@@ -157,5 +157,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    binaries.run_tool(main, define_flags)  # the input's faults (UserError) in one line

@@ -24,17 +24,30 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image
 
+from sycoca_jax import binaries, decoding, evaluate
 from sycoca_jax import checkpoint as ckpt
-from sycoca_jax import decoding, evaluate
 from sycoca_jax.data import pipeline
 from sycoca_jax.data.tokenizer import load_tokenizer
 from sycoca_jax.evaluation.common import EvalContext
 from sycoca_jax.models import build, masking
 from sycoca_jax.models.sycoca import SyCoCa
 from sycoca_jax.tools import pictures as drawing
+
+
+def relevance(model: SyCoCa, params: Any, images: jax.Array, tokens: jax.Array) -> jax.Array:
+    """(B, N) relevance of each patch to its caption, as the model's attentive masking scores it
+    (``model.score_mode``)."""
+    inputs = model.apply({"params": params}, images, tokens, method=model.relevance_inputs)
+    return masking.relevance_scores(
+        inputs["patch_embeddings"],
+        inputs["token_embeddings"],
+        inputs["token_valid"],
+        model.score_mode,
+        inputs["temperature"],
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -44,29 +57,21 @@ def masking_views(
     """What the training forward does with (images, their captions): ``relevance`` (B, N),
     ``kept`` and ``hidden`` (B, N) bool, ``prediction`` (B, N, p*p*3) when there is TG-MIM.
     Where a branch is off, ``kept``/``hidden`` are what attentive selection would pick."""
-    variables = {"params": params}
-    inputs = model.apply(variables, images, tokens, method=model.relevance_inputs)
-    relevance = masking.relevance_scores(
-        inputs["patch_embeddings"],
-        inputs["token_embeddings"],
-        inputs["token_valid"],
-        model.score_mode,
-        inputs["temperature"],
-    )
-    out = model.apply(variables, images, tokens, rngs={"masking": rng})
+    scores = relevance(model, params, images, tokens)
+    out = model.apply({"params": params}, images, tokens, rngs={"masking": rng})
     n = model.num_patches
     if "caption_indices" in out:
         kept = masking.indices_to_mask(out["caption_indices"], n)
     else:
         keep = masking.static_count(n, model.caption_keep_ratio, "caption_keep_ratio")
-        kept = masking.indices_to_mask(masking.keep_most_relevant(relevance, keep), n)
-    views = {"relevance": relevance, "kept": kept}
+        kept = masking.indices_to_mask(masking.keep_most_relevant(scores, keep), n)
+    views = {"relevance": scores, "kept": kept}
     if "tgmim_mask" in out:
         views["hidden"] = out["tgmim_mask"]
         views["prediction"] = out["tgmim_prediction"]
     else:
         count = masking.static_count(n, model.tgmim_mask_ratio, "tgmim_mask_ratio")
-        hidden = masking.mask_most_relevant(relevance, count)[1]
+        hidden = masking.mask_most_relevant(scores, count)[1]
         views["hidden"] = masking.indices_to_mask(hidden, n)
     return views
 
@@ -112,7 +117,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[SyCoCa, EvalContext
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+            raise ckpt.CheckpointNotFoundError(f"no checkpoint in {workdir}/checkpoints")
         config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     finally:
         checkpointer.close()
@@ -169,9 +174,6 @@ def write_pictures(
     return [*paths, out_dir / "grid.png"]
 
 
-FLAGS = flags.FLAGS
-
-
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training workdir (checkpoints with their config).")
     flags.DEFINE_integer("num", 16, "Images to draw.")
@@ -182,16 +184,10 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    for path in write_pictures(
-        FLAGS.workdir, FLAGS.out, FLAGS.num, FLAGS.split, FLAGS.step, FLAGS.seed
-    ):
+def main(f: flags.FlagValues) -> None:
+    for path in write_pictures(f.workdir, f.out, f.num, f.split, f.step, f.seed):
         print(path)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    binaries.run_tool(main, define_flags)

@@ -3,8 +3,10 @@
 ``--config.profile_steps=a,b`` traces steps a..b (1-based, inclusive; ``a`` alone traces one
 step) into ``<workdir>/profile/plugins/profile/<time>/``: a ``*.xplane.pb`` that TensorBoard's
 profile plugin or XProf opens (``tensorboard --logdir <workdir>/profile``), and a
-``*.trace.json.gz`` that Perfetto (ui.perfetto.dev) opens directly. Choose steps after the first
-few: the first step also holds compilation-cache loads and input warm-up.
+``*.trace.json.gz`` that Perfetto (ui.perfetto.dev) opens directly and
+``python -m sycoca_jax.tools.trace_summary`` condenses (device busy time, kernel time by kind,
+the top kernels). Choose steps after the first few: the first step also holds compilation-cache
+loads and input warm-up.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class StepProfiler:
     def before(self, step: int) -> None:
         """Called before running ``step`` (1-based)."""
         if self.steps is not None and step == self.steps[0] and not self.active:
-            jax.profiler.start_trace(self.logdir)
+            jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
             self.active = True
             logging.info("profiling steps %d..%d into %s", *self.steps, self.logdir)
 

@@ -46,6 +46,39 @@ def test_benchmark_measures_the_pipeline(data_dir):
     result = benchmark.measure(tiny_config(data_dir), num_batches=3, warmup_batches=1)
     assert result["examples_per_s"] > 0
     assert result["host_batch_size"] == 32
+    # Inline reading: the CPU time is this process's, at most a core and a bit (other threads).
+    assert 0 < result["cpu_cores_busy"] < 2.5
+    assert result["examples_per_cpu_s"] == pytest.approx(
+        result["examples_per_s"] / result["cpu_cores_busy"]
+    )
+
+
+def test_benchmark_cpu_time_counts_worker_processes():
+    """A child that burns CPU while this process sleeps is counted (grain workers are children)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    me = psutil.Process()
+    before = benchmark.cpu_seconds(me)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while benchmark.cpu_seconds(me) - before < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert benchmark.cpu_seconds(me) - before >= 0.4
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_cores_needed():
+    assert benchmark.cores_needed(4500, 700) == 13  # 9000 / 700 = 12.9
+    assert benchmark.cores_needed(700, 700, headroom=1) == 1
+    assert benchmark.cores_needed(769, 700, headroom=2) == 3
 
 
 def test_prepare_shapes_cli(tmp_path, capsys):

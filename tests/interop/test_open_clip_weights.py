@@ -11,10 +11,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sycoca_jax.config_args import load_config
+from sycoca_jax.errors import UserError
 from sycoca_jax.interop import open_clip_config, open_clip_presets, open_clip_weights
 from sycoca_jax.models import build, sycoca
 from sycoca_jax.tools import export_open_clip, import_open_clip
-from tests.helpers import ROOT
+from tests.helpers import ROOT, one_error_line, run_module
 from tests.interop import golden
 
 
@@ -103,8 +104,35 @@ def test_half_precision_weights_are_read_as_float32(tmp_path):
 def test_import_refuses_a_used_workdir(tmp_path):
     config, weights = _config_file(tmp_path, "no_pooler"), golden.weights_path("no_pooler")
     import_open_clip.import_open_clip(config, weights, str(tmp_path / "w"))
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    with pytest.raises(FileExistsError, match="already holds checkpoints") as refused:
         import_open_clip.import_open_clip(config, weights, str(tmp_path / "w"))
+    assert isinstance(refused.value, UserError)  # the command line prints it as one line
+
+
+def test_missing_inputs_are_user_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights file") as missing:
+        open_clip_weights.read_safetensors(str(tmp_path / "none.safetensors"))
+    assert isinstance(missing.value, UserError)
+    with pytest.raises(FileNotFoundError, match="no open_clip model config") as missing:
+        open_clip_presets.model_config(str(tmp_path / "none.json"))
+    assert isinstance(missing.value, UserError)
+
+
+@pytest.mark.parametrize(
+    "module,args,message",
+    [
+        ("import_open_clip", ["--model=coca_tiny", "--weights=none.safetensors"], "no weights"),
+        ("export_open_clip", ["--out=model.bin"], "--out must name a .safetensors file"),
+        ("export_open_clip", ["--out=model.safetensors"], "no checkpoint under"),
+    ],
+)
+def test_the_tools_print_input_errors_as_one_line(tmp_path, module, args, message):
+    """Through ``binaries.run_app``: one ``error:`` line, exit code 1, nothing written."""
+    program = f"sycoca_jax.tools.{module}"
+    result = run_module(program, *args, f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in one_error_line(result, program)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_layouts_open_clip_cannot_hold_are_refused():

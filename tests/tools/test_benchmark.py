@@ -71,6 +71,7 @@ def test_runs_without_the_data_and_evaluation_stack(tmp_path):
         "--config.model.text_depth=1",
         "--config.model.multimodal_depth=1",
         "--config.model.decoder_depth=1",
+        f"--trace_dir={tmp_path / 'trace'}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,6 +79,7 @@ def test_runs_without_the_data_and_evaluation_stack(tmp_path):
     assert line["point"] == {"batch_size": "4"} and line["batch_size"] == 4
     assert line["step_ms"] > 0 and line["samples_per_s"] > 0 and np.isfinite(line["loss"])
     assert line["mfu"] is None  # no peak FLOP/s for CPUs
+    assert line["trace"]["kernel_ms"] > 0 and line["trace"]["busy_ms"] > 0
     assert 0 < line["masking_share"] < 1 and line["compile_s"] > 0
     # The blocker really was active in that process.
     probe = subprocess.run(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from sycoca_jax.models import pixels as model_pixels
 from sycoca_jax.tools import pictures
+from tests.helpers import one_error_line, run_module
 
 SIZE, PATCH = 16, 4  # a 4x4 grid of patches
 
@@ -107,3 +109,21 @@ def test_visualize_writes_the_run_s_selections(tiny_pretrained, tmp_path):
     expected = pictures.kept_view(batch["image"][0], np.asarray(views["kept"][0]))
     np.testing.assert_array_equal(panel, expected)
     assert 0 < np.asarray(views["kept"][0]).sum() < model.num_patches
+
+
+@pytest.mark.parametrize("tool", ["visualize", "caption_selection"])
+def test_a_workdir_without_checkpoints_is_one_line(tmp_path, tool):
+    """Through ``binaries.run_tool``: exit code 1 and one line naming the folder (was a
+    traceback)."""
+    program = f"sycoca_jax.tools.{tool}"
+    result = run_module(program, f"--workdir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"no checkpoint in {tmp_path}/checkpoints" in one_error_line(result, program)
+
+
+def test_the_tools_refuse_stray_arguments(tmp_path):
+    program = "sycoca_jax.tools.visualize"
+    result = run_module(program, f"--workdir={tmp_path}", "extra", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "unexpected arguments: ['extra']" in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any work

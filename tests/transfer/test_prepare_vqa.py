@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sycoca_jax.data import converter, prepare, sources, task_pipelines, vqa_answers
+from sycoca_jax.data import (
+    converter,
+    prepare,
+    sources,
+    task_pipelines,
+    vqa_answers,
+    vqa_converter,
+)
 from sycoca_jax.data.tokenizer import load_tokenizer
 
 
@@ -83,6 +90,22 @@ def test_conversion_groups_questions_by_image_and_counts_what_it_skips(converted
     assert spec.questions_and_answers(validation[0]) == [("is it red?", ["yes"] * 10)]
     with open(f"{data_dir}/tiny_vqa/1.0.0/{converter.SUMMARY_FILE}") as f:
         assert json.load(f) == summary
+
+
+def test_a_missing_source_or_a_second_build_is_refused_before_writing(converted, tmp_path):
+    """The builder's own ``check_sources`` (the official triple is three paths) runs first;
+    an existing build is never overwritten."""
+    _, data_dir = converted
+    q = tmp_path / "q.json"
+    q.write_text("{}")
+    missing = str(tmp_path / "annotations.json")
+    with pytest.raises(FileNotFoundError, match="VQA source .*annotations.json.* does not exist"):
+        vqa_converter.convert_vqa(
+            {"validation": (str(q), missing, str(tmp_path))}, name="other", data_dir=str(tmp_path)
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        vqa_converter.convert_vqa({"train": missing}, name="tiny_vqa", data_dir=data_dir)
 
 
 def test_vqa_pipelines_on_converted_data(converted):
