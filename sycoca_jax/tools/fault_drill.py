@@ -25,6 +25,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -129,14 +130,26 @@ def interrupt(
 ) -> int:
     """Start the run, send ``sig`` once it has logged ``after_step``; returns the last step it
     logged before the signal (the run may end by itself first). Records a killed run left past
-    its checkpoint do not count: the new run first truncates them (below ``after_step``)."""
-    process = subprocess.Popen(
-        command(workdir, values),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    its checkpoint do not count: the new run first truncates them (below ``after_step``).
+
+    Its stderr goes to a file, not a pipe: nothing reads while we wait for steps, and a run that
+    logs more than a pipe holds (a damaged checkpoint's restore errors) would block on it."""
+    with tempfile.TemporaryFile("w+") as errors:
+        logged, sent, returncode = _signal_after(
+            command(workdir, values), env, errors, workdir, sig, after_step
+        )
+        errors.seek(0)
+        stderr = errors.read()
+    if (sig == signal.SIGTERM or not sent) and returncode != 0:
+        raise DrillFailed(f"{workdir}: exit {returncode}: {stderr[-2000:]}")
+    return logged
+
+
+def _signal_after(
+    argv: list[str], env: dict[str, str], errors: Any, workdir: str, sig: int, after_step: int
+) -> tuple[int, bool, int]:
+    """Run ``argv`` with stderr to ``errors``; (last step logged, signal sent, exit code)."""
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     logged, sent, fresh = 0, False, False
     while process.poll() is None and time.monotonic() < deadline:
@@ -153,10 +166,7 @@ def interrupt(
     if process.poll() is None and not sent:
         process.kill()
         sent = True
-    _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
-    if (sig == signal.SIGTERM or not sent) and process.returncode != 0:
-        raise DrillFailed(f"{workdir}: exit {process.returncode}: {stderr[-2000:]}")
-    return logged
+    return logged, sent, process.wait(timeout=RUN_TIMEOUT_S)
 
 
 def committed_steps(workdir: str) -> list[int]:
