@@ -41,7 +41,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sycoca_jax import binaries, flops, hardware, sharding
-from sycoca_jax.models import masking, sycoca, vit
+from sycoca_jax.models import branches, masking, sycoca, vit
 from sycoca_jax.models.text import caption_input_and_target
 from sycoca_jax.tools import trace_summary
 from sycoca_jax.tools.compile_for import NOMINAL_TRAIN_EXAMPLES
@@ -144,17 +144,11 @@ def _masking_only(
     model's parameters): relevance scores from the encoded patches and caption, the top-k
     selections, and the gathers that feed each branch."""
     text_input, _ = caption_input_and_target(tokens)
-    relevance = masking.relevance_scores(
-        model.patch_embeddings(patch_states),
-        model.text_projection(token_states),
-        text_input != model.pad_id,
-        model.score_mode,
-        model.temperature(),
-    )
+    relevance = branches.relevance(model, patch_states, token_states, text_input != model.pad_id)
     pixels = vit.patchify(images.astype(patch_states.dtype), model.patch_size)
 
     def gathered(indices):
-        source = pixels if model.branch_encoding == "reencode" else patch_states
+        source = pixels if model.branch_encoding == "reencode" else model.patches(patch_states)
         return vit.gather_tokens(source, indices)
 
     outputs = []
@@ -178,7 +172,7 @@ def masking_seconds(setup: Any, params: Any, batch: dict, steps: int, warmup: in
     rng = np.random.default_rng(1)
     dtype = jnp.dtype(model.dtype)
     states = [
-        rng.normal(size=(b, model.num_patches, model.image_width)),
+        rng.normal(size=(b, model.num_prefix_tokens + model.num_patches, model.image_width)),
         rng.normal(size=(b, length - 1, model.text_width)),
     ]
     states = [jax.device_put(x.astype(dtype), setup.placement.batch_sharding) for x in states]
@@ -232,11 +226,11 @@ def _traced(step: Any, state: Any, trace_dir: str, steps: int) -> tuple[Any, dic
             state, metrics = step(state)
         jax.block_until_ready((state, metrics))
     try:
-        path = trace_summary.find_trace(trace_dir)
-        details = trace_summary.summarize(path, steps, top=40)
+        details = trace_summary.summarize(trace_summary.find_trace(trace_dir), steps, top=40)
         with open(os.path.join(trace_dir, "summary.json"), "w") as f:
             json.dump(details, f, indent=1)
-        return state, trace_summary.summarize(path, steps, top=6)
+        short = {k: v[:6] if k in ("top", "ops") else v for k, v in details.items()}
+        return state, short
     except (OSError, ValueError, KeyError) as e:
         return state, {"error": f"{type(e).__name__}: {e}"}
 
