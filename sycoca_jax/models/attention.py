@@ -78,7 +78,8 @@ def _cudnn_supports(query: Array, key: Array, mask: Mask) -> bool:
     multiple of 8 up to 128, and even lengths. jax 0.11 checks the lengths again inside the
     gradient's forward rule, where a refusal can no longer fall back to XLA (seen on an H200:
     "Unsupported sequence length Q 49, KV 49" while differentiating ViT-B/32's 49 patches), so
-    odd lengths are refused here, with or without a mask."""
+    ``auto`` leaves odd lengths to XLA. An explicit ``cudnn`` pads them to even
+    (``pad_to_even``); ``auto`` will too once that is measured on a GPU."""
     if isinstance(mask, jax.Array) or query.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     depth = query.shape[-1]
@@ -126,8 +127,35 @@ def _xla(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
     return jnp.einsum("bhts,bshd->bthd", probs, value)
 
 
+def pad_to_even(
+    query: Array, key: Array, value: Array, mask: Mask
+) -> tuple[Array, Array, Array, Mask]:
+    """Pad odd query/key lengths by one position, which cuDNN's flash attention refuses (jax
+    0.11 on an H200: "Unsupported sequence length Q 49, KV 49"). A padded key is hidden from every
+    query: by the causal mask where there is one (it comes after every real query), else by a
+    key-validity mask. A padded query's row is the caller's to drop (``out[:, :T]``)."""
+    pad_t, pad_s = query.shape[1] % 2, key.shape[1] % 2
+    if not (pad_t or pad_s):
+        return query, key, value, mask
+
+    def pad(x: Array, n: int) -> Array:
+        return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+
+    causal = isinstance(mask, AttentionMask) and mask.causal
+    key_valid = mask.key_valid if isinstance(mask, AttentionMask) else None
+    if pad_s and (key_valid is not None or not causal):
+        if key_valid is None:
+            key_valid = jnp.ones(key.shape[:2], bool)
+        key_valid = jnp.pad(key_valid, ((0, 0), (0, pad_s)))
+    padded_mask = AttentionMask(key_valid=key_valid, causal=causal)
+    return pad(query, pad_t), pad(key, pad_s), pad(value, pad_s), padded_mask
+
+
 def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
-    """cuDNN's fused kernel: its own causal mask (skipping the masked blocks), padding as a bias."""
+    """cuDNN's fused kernel: its own causal mask (skipping the masked blocks), padding as a bias,
+    odd lengths padded to even (``pad_to_even``)."""
+    length = query.shape[1]
+    query, key, value, mask = pad_to_even(query, key, value, mask)
     causal = isinstance(mask, AttentionMask) and mask.causal
     padding = None
     if isinstance(mask, AttentionMask) and mask.key_valid is not None:
@@ -135,9 +163,10 @@ def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
         # seq length as QKV" refused (b, 1, 1, S) on jax 0.11.
         b, t, s = query.shape[0], query.shape[1], key.shape[1]
         padding = jnp.broadcast_to(mask.key_valid[:, None, None, :], (b, 1, t, s))
-    return jax.nn.dot_product_attention(
+    out = jax.nn.dot_product_attention(
         query, key, value, mask=padding, is_causal=causal, implementation="cudnn"
     )
+    return out[:, :length]
 
 
 def _round_up(n: int, multiple: int) -> int:

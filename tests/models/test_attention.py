@@ -127,6 +127,46 @@ def test_auto_picks_what_the_platform_supports(
     assert attention.choose("auto", q, k, MASKS[mask_name](2, t, s)) == expected
 
 
+def _through_padding(q, k, v, mask):
+    """What ``_cudnn`` computes, with XLA standing in for the cuDNN kernel (absent here)."""
+    t = q.shape[1]
+    pq, pk, pv, pmask = attention.pad_to_even(q, k, v, mask)
+    assert pq.shape[1] % 2 == 0 and pk.shape[1] % 2 == 0
+    return attention.dot_product_attention(pq, pk, pv, pmask, "xla")[:, :t]
+
+
+@pytest.mark.parametrize(
+    "t, s, mask_name",
+    [
+        (49, 49, "none"),  # ViT-B/32 patches
+        (77, 77, "causal"),  # text encoder: 76 tokens + CLS
+        (77, 77, "causal_padding"),
+        (76, 255, "none"),  # multimodal decoder over the caption-pooler tokens
+        (49, 77, "padding"),  # TG-MIM: patches over caption tokens
+        (20, 20, "causal_padding"),  # even: untouched
+    ],
+)
+def test_padding_odd_lengths_to_even_leaves_outputs_and_gradients_unchanged(t, s, mask_name):
+    q, k, v = _qkv(t=t, s=s, seed=5)
+    mask = MASKS[mask_name](2, t, s)
+    if t % 2 == 0 and s % 2 == 0:
+        assert attention.pad_to_even(q, k, v, mask)[0] is q
+    np.testing.assert_allclose(
+        _through_padding(q, k, v, mask), _reference(q, k, v, mask), atol=2e-5
+    )
+
+    def loss(fn):
+        def f(q, k, v):
+            out = fn(q, k, v, mask)
+            return jnp.sum(out * jnp.cos(out))
+
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    plain = lambda q, k, v, m: attention.dot_product_attention(q, k, v, m, "xla")  # noqa: E731
+    for got, want in zip(loss(_through_padding), loss(plain), strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-5)
+
+
 def test_auto_falls_back_to_xla_when_cudnn_refuses_while_tracing(monkeypatch):
     """On this CPU the cuDNN call itself refuses (no cuDNN): ``auto`` computes with XLA instead,
     an explicit ``cudnn`` raises."""
