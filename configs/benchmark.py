@@ -6,15 +6,16 @@ r"""Speed-measurement presets: model shapes to compare against, not training rec
 
 Arguments (comma separated ``key=value``; a bare word is the preset):
   preset     openclip_b32 | b16
-  objective  coca (default for openclip_b32) | sycoca (default for b16) | clip
+  objective  coca (default for openclip_b32) | sycoca (default for b16) | clip (b16 only)
 
-- ``openclip_b32``: CoCa in open_clip's ``coca_ViT-B-32`` shapes, the reference measured with
-  open_clip itself: image tower ViT-B/32 at 224 px (width 768, 12 layers, 12 heads, MLP 3072); a
-  text side of width 512, 8 heads, MLP 2048, 12 unimodal + 12 multimodal layers; vocabulary
-  49408, 76 text tokens (+ the appended CLS); embed 512; open_clip's single attentional pooler
-  (256 queries, 8 heads, width 512: query 0 is the contrastive vector, queries 1-255 the
-  captioning tokens). Parameter layout details that do not change the step's cost (LayerNorm
-  epsilon, GELU flavour, the pooler's query LayerNorm) are configs/open_clip.py's business.
+- ``openclip_b32``: open_clip 3.3.0's ``coca_ViT-B-32`` itself, the reference measured with
+  open_clip (``sycoca_jax.interop.open_clip_presets``, as ``configs/open_clip.py`` builds it):
+  ViT-B/32 at 224 px with a class token (50 tokens), a text side of width 512 with 12 unimodal
+  and 12 two-block multimodal layers (self-attention + MLP, then cross-attention + MLP),
+  vocabulary 49408, 76 text tokens (+ the appended CLS), open_clip's single attentional pooler
+  (256 queries), LayerNorm epsilon 1e-5 and exact GELU: 101.1 GFLOP per training example.
+  (Until 2026-12-01 it had no class token and one MLP per multimodal layer, 89.1 GFLOP, 12 %
+  less than open_clip's model; the H200 figures in docs/performance.md say which they used.)
 - ``b16``: ``configs/sycoca.py:size=B/16`` with ``model.remat=dots``, as the GPU recipe trains it.
 
 Both run in bfloat16 at batch 256 unless overridden; data, evaluators and the schedule are those
@@ -28,29 +29,10 @@ import os
 import ml_collections
 
 from sycoca_jax.config_args import load_config, parse_arg
+from sycoca_jax.interop import open_clip_presets
 
-OPENCLIP_B32 = dict(
-    image_size=224,
-    patch_size=32,
-    image_width=768,
-    image_depth=12,
-    image_heads=12,
-    image_mlp_dim=3072,
-    text_width=512,
-    text_depth=12,
-    multimodal_depth=12,
-    text_heads=8,
-    text_mlp_dim=2048,
-    vocab_size=49408,
-    max_text_len=76,
-    embed_dim=512,
-    pooler="single",
-    caption_queries=256,
-    pooler_heads=8,
-    dtype="bfloat16",
-)
 PRESETS = {
-    "openclip_b32": dict(size="B/32", objective="coca", model=OPENCLIP_B32),
+    "openclip_b32": dict(size="B/32", objective="coca", open_clip="coca_ViT-B-32"),
     # remat=dots: without it SyCoCa-B/16 at batch 256 needs 125 GiB (out of memory on a 141 GB
     # H200); with it 40 GiB, and CoCa-B/16 runs faster than without (217 vs 250 ms per step).
     "b16": dict(size="B/16", objective="sycoca", model=dict(remat="dots")),
@@ -65,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     objective = args.objective or preset["objective"]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sycoca.py")
     config = load_config(f"{path}:size={preset['size']},objective={objective}")
-    config.model.update(preset["model"])
+    if "open_clip" in preset:
+        config.model.update(open_clip_presets.model_config(preset["open_clip"], objective))
+    config.model.update(preset.get("model", {}))
+    config.model.dtype = "bfloat16"
     config.batch_size = 256
     return config

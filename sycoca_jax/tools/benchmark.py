@@ -57,10 +57,13 @@ def synthetic_batch(config: Any, batch_sharding: Any, seed: int = 0) -> dict[str
     spec = train_setup.batch_spec(config)
     b, length = spec["tokens"].shape
     tokens = np.zeros((b, length), np.int32)
+    m = config.model
+    special = (m.pad_id, m.bos_id, m.eos_id)
     for i in range(b):
         n = int(rng.integers(length // 4, length - 1))
-        tokens[i, 0], tokens[i, n + 1] = 1, 2
-        tokens[i, 1 : n + 1] = rng.integers(4, config.model.vocab_size, n)
+        words = rng.integers(4, m.vocab_size, n)
+        words[np.isin(words, special)] = 4  # a plain word in every vocabulary
+        tokens[i, 0], tokens[i, 1 : n + 1], tokens[i, n + 1] = m.bos_id, words, m.eos_id
     image_spec = spec["image"]
     if jnp.issubdtype(image_spec.dtype, jnp.integer):
         images = rng.integers(0, 256, image_spec.shape, dtype=np.uint8).astype(image_spec.dtype)
