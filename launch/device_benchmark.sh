@@ -19,13 +19,16 @@ copy bandwidth measured on random data), then runs python -m sycoca_jax.tools.be
 per model (several compiled variants each), most important first, one JSON line per variant:
 
   1. configs/benchmark.py:openclip_b32 (CoCa, open_clip's coca_ViT-B-32 shapes), bf16, batch
-     256: attention_impl=auto (cuDNN flash attention where it applies), then xla;
+     256: attention_impl=auto (cuDNN flash attention where it applies) and cudnn (everywhere,
+     odd lengths padded), each with the layers scanned and unrolled (model.scan=true,false:
+     tools.compile_for_gpu predicts the unrolled, all-cuDNN step moves 66 % fewer bytes);
   2. configs/benchmark.py:b16 (SyCoCa-B/16), bf16, batch 256, attention auto;
   3. configs/benchmark.py:b16,objective=coca: the same (the SyCoCa/CoCa step-time ratio);
-  4. openclip_b32 batch 256 with model.remat=dots; openclip_b32 and b16 at batch 128.
+  4. b16 unrolled with attention cudnn; openclip_b32 with attention xla; openclip_b32 and b16
+     at batch 128.
 
-Variants left when the time budget is spent are printed as skipped. About 6 minutes on one
-H100/H200 (compiles dominate).
+Variants left when the time budget is spent are printed as skipped. About 7 minutes on one
+H100/H200 (compiles dominate; unrolled layers compile longer).
 
 Options:
   --prepare      on a machine with pip and a registry (not the accelerator host): download the
@@ -148,10 +151,11 @@ if [[ ${#points[@]} -gt 0 ]]; then
   exit "$status"
 fi
 # Most important first: a budget cut keeps the targets' own points.
-bench openclip_b32 'batch_size=256;model.attention_impl=auto,xla'
+bench openclip_b32 'batch_size=256;model.attention_impl=auto,cudnn;model.scan=true,false'
 bench b16 'batch_size=256;model.attention_impl=auto'
 bench b16,objective=coca 'batch_size=256;model.attention_impl=auto'
-bench openclip_b32 'batch_size=256;model.attention_impl=auto;model.remat=dots'
+bench b16 'batch_size=256;model.attention_impl=cudnn;model.scan=false'
+bench openclip_b32 'batch_size=256;model.attention_impl=xla'
 bench openclip_b32 'batch_size=128;model.attention_impl=auto'
 bench b16 'batch_size=128;model.attention_impl=auto'
 exit "$status"
