@@ -2,7 +2,8 @@ r"""Compile the training step for an NVIDIA GPU on a machine without one; report
 the kernels it would launch.
 
   python -m sycoca_jax.tools.compile_for_gpu --config=configs/benchmark.py:openclip_b32 \
-      --gpu=h200 [--sweep='model.scan=true,false'] [--num_gpus=1] [--top=15] [--json]
+      --gpu=h200 [--sweep='model.scan=true,false'] [--num_gpus=1] [--top=15] [--json] \
+      [--hlo_dir=DIR]
 
 XLA's GPU compiler runs without a GPU when told the target's properties (SM count, shared
 memory, L2, compute capability: ``TARGETS`` below) and when GEMM autotuning is off, so cuBLAS
@@ -155,8 +156,11 @@ def gpu_mesh(config: Any, gpu: str, num_gpus: int) -> Mesh:
     )
 
 
-def compile_point(config: Any, gpu: str, num_gpus: int, top: int) -> dict[str, Any]:
-    """Compile ``config``'s train step for ``num_gpus`` GPUs; memory and kernel census."""
+def compile_point(
+    config: Any, gpu: str, num_gpus: int, top: int, hlo_path: str | None = None
+) -> dict[str, Any]:
+    """Compile ``config``'s train step for ``num_gpus`` GPUs; memory and kernel census. With
+    ``hlo_path`` the optimised program is also written there (for ``tools.kernel_census``)."""
     mesh = gpu_mesh(config, gpu, num_gpus)
     setup = train_setup.make_setup(config, mesh, num_train_examples=NOMINAL_TRAIN_EXAMPLES)
     start = time.perf_counter()
@@ -170,9 +174,11 @@ def compile_point(config: Any, gpu: str, num_gpus: int, top: int) -> dict[str, A
         + memory.temp_size_in_bytes
     )
     analytic = flops.train_flops_per_example(config.model) * config.batch_size / num_gpus
-    census = kernel_census.summarise(
-        kernel_census.kernels(compiled.as_text()), chip.hbm_bytes_per_s, top
-    )
+    text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
+    census = kernel_census.summarise(kernel_census.kernels(text), chip.hbm_bytes_per_s, top)
     return {
         "gpu": chip.name,
         "num_gpus": num_gpus,
@@ -206,9 +212,15 @@ def main(argv: list[str]) -> None:
         print(f"compile_for_gpu: {cuda_plugin_missing()}", file=sys.stderr)
         sys.exit(EXIT_NO_CUDA_PLUGIN)
     status = EXIT_OK
-    for point, config in configs:
+    for index, (point, config) in enumerate(configs):
+        hlo_path = None
+        if f.hlo_dir:
+            os.makedirs(f.hlo_dir, exist_ok=True)
+            hlo_path = os.path.join(f.hlo_dir, f"point{index}.hlo")
         try:
-            report = {"point": point, **compile_point(config, f.gpu, f.num_gpus, f.top)}
+            report = {"point": point, **compile_point(config, f.gpu, f.num_gpus, f.top, hlo_path)}
+            if hlo_path:
+                report["hlo"] = hlo_path
         except Exception as e:  # one point's compile failure (e.g. a kernel's limits) is reported
             traceback.print_exc()
             report = {"point": point, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
@@ -235,6 +247,9 @@ def define_flags() -> None:
     flags.DEFINE_string("sweep", "", "Points to compile, as tools.benchmark's --sweep.")
     flags.DEFINE_integer("top", 15, "Sources listed, by bytes moved.")
     flags.DEFINE_bool("json", False, "One JSON line per point.")
+    flags.DEFINE_string(
+        "hlo_dir", None, "Also write each point's optimised program there (point<i>.hlo)."
+    )
     flags.mark_flags_as_required(["config"])
 
 
