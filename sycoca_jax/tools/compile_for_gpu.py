@@ -6,9 +6,10 @@ the kernels it would launch.
       [--hlo_dir=DIR]
 
 XLA's GPU compiler runs without a GPU when told the target's properties (SM count, shared
-memory, L2, compute capability: ``TARGETS`` below) and when GEMM autotuning is off, so cuBLAS
-and Triton GEMMs are picked by heuristics instead of timings. Everything else (fusion, layout,
-scheduling, cuDNN attention, while-loop double buffering) is the program the GPU would run.
+memory, L2, compute capability: ``TARGETS`` below) and when GEMM autotuning is off: cuBLAS
+picks its GEMMs by heuristics, and Triton GEMMs are off (their tiling needs timings), so an
+operand conversion a Triton GEMM would absorb stays a kernel of its own. The rest (fusion,
+layout, scheduling, cuDNN attention, while-loop double buffering) is the GPU's program.
 Per point of the sweep, one report: the compiled memory (temporaries and peak per device,
 as ``tools.benchmark`` reports them on the GPU) and ``tools.kernel_census`` of the program:
 kernel launches per step, bytes moved, and two lower bounds on the step time, the analytic
