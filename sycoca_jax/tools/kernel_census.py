@@ -39,6 +39,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# The scratch buffer cuBLAS and cuDNN calls return last, e.g. ``s8[33554432]{0}``.
+_WORKSPACE = re.compile(r"\b[su]8\[\d*\](\{0\})?(?=\s*\)\s*$)")
 
 # Instructions that launch nothing: bookkeeping, aliasing views, and the second half of async
 # pairs (the start is the launch).
@@ -242,7 +244,10 @@ def _walk(computations: dict[str, list[Instruction]], name: str, trips: int) -> 
         elif op == "dynamic-slice":
             moved = 2 * array_bytes(instruction.type)
         else:
-            moved = array_bytes(instruction.type) + sum(
+            result = instruction.type
+            if op == "custom-call":  # a library call's scratch space is not traffic
+                result = _WORKSPACE.sub("", result)
+            moved = array_bytes(result) + sum(
                 array_bytes(types.get(o, "")) for o in instruction.operands
             )
         op_name = instruction.attribute(_OP_NAME.pattern) or ""

@@ -66,6 +66,22 @@ def test_an_in_place_update_moves_the_update_not_the_buffer():
         assert k.bytes_per_launch <= 2 * row_bytes + 64 < buffer_bytes
 
 
+def test_a_library_calls_scratch_space_is_not_counted_as_traffic():
+    """cuBLAS returns a 32 MiB workspace beside each product (seen in the H200 program)."""
+    call = 'custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"'
+    program = f"""HloModule m
+ENTRY %main (a: bf16[64,32], b: bf16[32,16]) -> bf16[64,16] {{
+  %a = bf16[64,32]{{1,0}} parameter(0)
+  %b = bf16[32,16]{{1,0}} parameter(1)
+  %c = (bf16[64,16]{{1,0}}, s8[33554432]{{0}}) {call}
+  ROOT %d = bf16[64,16]{{1,0}} get-tuple-element(%c), index=0
+}}
+"""
+    [kernel] = kernel_census.kernels(program)
+    assert kernel.kind == "matmul" and kernel.launches == 1
+    assert kernel.bytes == (64 * 16 + 64 * 32 + 32 * 16) * 2
+
+
 def test_sources_merge_across_layers_and_phases_are_named():
     assert kernel_census._source("jit(step)/jvp(SyCoCa)/text/block_3/mlp/fc1/dot_general") == (
         "text/block_*/mlp/fc1/dot_general"
