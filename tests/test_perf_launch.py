@@ -101,7 +101,7 @@ def test_device_benchmark_help_arguments_and_budget(tmp_path):
     lines = [json.loads(x) for x in result.stdout.splitlines()]
     assert lines[0]["host"]["jax"] == jax.__version__
     assert lines[0]["host"]["ceilings"]["matmul_bf16_tflops"] > 0
-    assert len(lines) == 8 and all(x.get("skipped") for x in lines[1:])  # host + 7 defaults
+    assert len(lines) == 9 and all(x.get("skipped") for x in lines[1:])  # host + 8 defaults
     assert Path(out).read_text().splitlines() == result.stdout.splitlines()
 
 
