@@ -24,6 +24,7 @@ Array = jax.Array
 NEG_INF = -1e9  # large finite negative: keeps fully-masked rows finite (they never occur by design)
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "jax")
 SPLASH_BLOCK = 128  # splash attention's tile along both sequences (TPU lanes)
+_QKV_AXES = ("act_batch", None, "heads", None)  # (B, T, H, D) activations
 
 
 @struct.dataclass
@@ -156,6 +157,11 @@ def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     odd lengths padded to even (``pad_to_even``)."""
     length = query.shape[1]
     query, key, value, mask = pad_to_even(query, key, value, mask)
+    # jax partitions the cuDNN call only when query, key and value share one sharding ("Query,
+    # key and value should have same sharding": the 8xH100 recipe's cross-attention, whose keys
+    # come from gathered patches, compiled for 8 GPUs); batch over data×fsdp, heads as the rules
+    # say. No-ops outside a mesh.
+    query, key, value = (nn.with_logical_constraint(x, _QKV_AXES) for x in (query, key, value))
     causal = isinstance(mask, AttentionMask) and mask.causal
     padding = None
     if isinstance(mask, AttentionMask) and mask.key_valid is not None:
@@ -163,6 +169,7 @@ def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
         # seq length as QKV" refused (b, 1, 1, S) on jax 0.11.
         b, t, s = query.shape[0], query.shape[1], key.shape[1]
         padding = jnp.broadcast_to(mask.key_valid[:, None, None, :], (b, 1, t, s))
+        padding = nn.with_logical_constraint(padding, ("act_batch", None, None, None))
     out = jax.nn.dot_product_attention(
         query, key, value, mask=padding, is_causal=causal, implementation="cudnn"
     )

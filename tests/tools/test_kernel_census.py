@@ -86,6 +86,9 @@ def test_sources_merge_across_layers_and_phases_are_named():
     assert kernel_census._source("jit(step)/jvp(SyCoCa)/text/block_3/mlp/fc1/dot_general") == (
         "text/block_*/mlp/fc1/dot_general"
     )
+    assert kernel_census._source(
+        "jit(step)/transpose(jvp(SyCoCa))/image/encoder/rematted_computation/blocks/add"
+    ) == ("image/encoder/blocks/add")
     assert kernel_census._phase("jit(step)/transpose(jvp(SyCoCa))/text/mlp") == "backward"
     assert kernel_census._phase("jit(step)/jvp(SyCoCa)/text/mlp") == "forward"
     assert kernel_census._phase("jit(step)/adam/mul") == "update"
@@ -129,24 +132,33 @@ def test_without_the_cuda_plugin_the_tool_says_how_to_install_it():
     assert reason and "jax[cuda12]==" in reason
 
 
+GPU_CASES = {
+    "one_h200": ["--gpu=h200"],
+    # The 8xH100 recipe's layout (batch over 8 GPUs, FSDP) with cuDNN attention: jax's cuDNN
+    # partitioner refused the attentional pooler's broadcast queries beside batch-split keys
+    # ("Query, key and value should have same sharding") until attention._cudnn constrained
+    # the three to one sharding.
+    "eight_h100_fsdp_cudnn": [
+        "--gpu=h100",
+        "--num_gpus=8",
+        "--config.model.attention_impl=cudnn",
+        "--config.model.dtype=bfloat16",
+        "--config.mesh.shape=(1,-1,1)",
+        "--config.mesh.rules=fsdp",
+        "--config.batch_size=64",
+    ],
+}
+
+
 @pytest.mark.skipif(compile_for_gpu.cuda_plugin_missing() is not None, reason="no CUDA plugin")
-def test_the_tiny_step_compiles_for_an_h200_without_one(tmp_path):
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_the_tiny_step_compiles_for_gpus_without_one(case):
     """Where jax's CUDA plugin is installed (no GPU needed), the command compiles and counts."""
+    config = f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny"
+    command = [sys.executable, "-m", "sycoca_jax.tools.compile_for_gpu", config, "--json"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sycoca_jax.tools.compile_for_gpu",
-            f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny",
-            "--gpu=h200",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
+        command + GPU_CASES[case], capture_output=True, text=True, timeout=900, cwd=ROOT
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["gpu"] == "NVIDIA H200" and report["fits"] is True
-    assert report["kernels_per_step"] > 100 and report["temp_gib"] > 0
+    assert report["fits"] is True and report["kernels_per_step"] > 100
