@@ -199,7 +199,9 @@ def _source(op_name: str) -> str:
     text = re.sub(r"^jit\([^)]*\)/", "", op_name)
     text = re.sub(r"(transpose\()?jvp\(([^)]*)\)\)?/?", "", text)
     text = re.sub(
-        r"/(while/body|while/cond|closed_call|remat|checkpoint|rematted_computation)", "", text
+        r"/(while/body|while/cond|closed_call|rematted_computation|remat|checkpoint)(?=/|$)",
+        "",
+        text,
     )
     text = re.sub(r"block_\d+", "block_*", text)
     return text.strip("/") or "(no source)"
