@@ -21,8 +21,8 @@ temporaries within 0.6 GiB of the GPU's own for the three ``remat=dots``/``full`
 7,673 traced. docs/performance.md sets the time estimates beside the measured steps.
 
 XLA_FLAGS already set are kept (``source launch/xla_gpu.env`` first to compile as the GPU
-launchers do). Needs jax's CUDA plugin, ``pip install "jax[cuda12]==$(python -c 'import jax;
-print(jax.__version__)')"`` (about 5 GB of CUDA libraries; no GPU or driver needed). Exit status
+launchers do). Needs jax's CUDA plugin, ``pip install -e '.[cuda]'`` (about 5 GB of CUDA
+libraries; no GPU or driver needed). Exit status
 0: compiled; 1: a point failed to compile; 2: the CUDA plugin is not installed; 3: a bad flag or
 config.
 """
@@ -123,8 +123,8 @@ def cuda_plugin_missing() -> str | None:
         pass
     return (
         "this installation cannot compile for NVIDIA GPUs: jax's CUDA plugin is not installed "
-        f'(jax {jax.__version__}). Install it with `pip install "jax[cuda12]=={jax.__version__}"` '
-        "(no GPU or driver is needed to compile)."
+        f"(jax {jax.__version__}). Install it with `pip install -e '.[cuda]'` or "
+        f'`pip install "jax[cuda12]=={jax.__version__}"` (no GPU or driver is needed to compile).'
     )
 
 
