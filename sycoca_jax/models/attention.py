@@ -157,10 +157,11 @@ def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     odd lengths padded to even (``pad_to_even``)."""
     length = query.shape[1]
     query, key, value, mask = pad_to_even(query, key, value, mask)
-    # jax partitions the cuDNN call only when query, key and value share one sharding ("Query,
-    # key and value should have same sharding": the 8xH100 recipe's cross-attention, whose keys
-    # come from gathered patches, compiled for 8 GPUs); batch over data×fsdp, heads as the rules
-    # say. No-ops outside a mesh.
+    # jax partitions the cuDNN call only when query, key and value share one sharding. Compiled
+    # for 8 GPUs with FSDP, the attentional pooler's learned queries (broadcast over the batch)
+    # and the multimodal decoder's cross-attention came in unsplit beside batch-split keys:
+    # "Query, key and value should have same sharding". Batch over data×fsdp, heads as the
+    # rules say; no-ops outside a mesh.
     query, key, value = (nn.with_logical_constraint(x, _QKV_AXES) for x in (query, key, value))
     causal = isinstance(mask, AttentionMask) and mask.causal
     padding = None
