@@ -50,6 +50,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "open_clip" in preset:
         config.model.update(open_clip_presets.model_config(preset["open_clip"], objective))
     config.model.update(preset.get("model", {}))
-    config.model.dtype = "bfloat16"
     config.batch_size = 256
     return config

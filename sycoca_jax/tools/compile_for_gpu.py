@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 import traceback
 from typing import Any
 
@@ -44,10 +43,8 @@ from absl import app, flags, logging
 from jax.sharding import AxisType, Mesh
 from ml_collections import config_flags
 
-from sycoca_jax import binaries, flops, hardware, sharding
+from sycoca_jax import binaries, hardware, sharding
 from sycoca_jax.tools import benchmark, kernel_census
-from sycoca_jax.tools.compile_for import NOMINAL_TRAIN_EXAMPLES
-from sycoca_jax.train import setup as train_setup
 from sycoca_jax.train import step as train_step
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA_PLUGIN, EXIT_BAD_INPUT = 0, 1, 2, 3
@@ -163,18 +160,10 @@ def compile_point(
     """Compile ``config``'s train step for ``num_gpus`` GPUs; memory and kernel census. With
     ``hlo_path`` the optimised program is also written there (for ``tools.kernel_census``)."""
     mesh = gpu_mesh(config, gpu, num_gpus)
-    setup = train_setup.make_setup(config, mesh, num_train_examples=NOMINAL_TRAIN_EXAMPLES)
-    start = time.perf_counter()
-    compiled, compile_report = train_step.compile_train_step(setup)
+    compiled, report = train_step.compile_train_step(benchmark.make_setup(config, mesh))
     chip = hardware.CHIPS[TARGETS[gpu].chip]
-    memory = compiled.memory_analysis()
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
-    analytic = flops.train_flops_per_example(config.model) * config.batch_size / num_gpus
+    peak_gib = report["argument_gib"] + report["temp_gib"]  # as tools.benchmark: state donated
+    analytic = report["analytic_tflop_per_device"] * 1e12
     text = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
@@ -184,11 +173,11 @@ def compile_point(
         "gpu": chip.name,
         "num_gpus": num_gpus,
         "batch_size": config.batch_size,
-        "compile_s": round(time.perf_counter() - start, 1),
-        "temp_gib": round(memory.temp_size_in_bytes / 2**30, 3),
-        "compiled_peak_gib": round(peak / 2**30, 3),
-        "fits": peak <= chip.hbm_gib * 2**30,
-        "analytic_tflop_per_device": round(analytic / 1e12, 3),
+        "compile_s": round(report["compile_seconds"], 1),
+        "temp_gib": round(report["temp_gib"], 3),
+        "compiled_peak_gib": round(peak_gib, 3),
+        "fits": peak_gib <= chip.hbm_gib,
+        "analytic_tflop_per_device": round(report["analytic_tflop_per_device"], 3),
         "matmul_ms_at_peak": round(analytic / chip.peak_bf16_flops * 1e3, 1),
         **census,
     }
@@ -201,16 +190,16 @@ def main(argv: list[str]) -> None:
     prepare_environment()
     f = flags.FLAGS
     try:
-        if f.gpu not in TARGETS:
-            raise ValueError(f"unknown --gpu {f.gpu!r}; known: {', '.join(TARGETS)}")
+        target_config(f.gpu)  # an unknown --gpu fails here, before any compile
         base = binaries.config_from_flags()
         points = benchmark.parse_sweep(f.sweep)
         configs = [(p, benchmark.apply_point(base, p)) for p in points]
     except ValueError as e:
         print(f"compile_for_gpu: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    if cuda_plugin_missing():
-        print(f"compile_for_gpu: {cuda_plugin_missing()}", file=sys.stderr)
+    reason = cuda_plugin_missing()
+    if reason:
+        print(f"compile_for_gpu: {reason}", file=sys.stderr)
         sys.exit(EXIT_NO_CUDA_PLUGIN)
     status = EXIT_OK
     for index, (point, config) in enumerate(configs):

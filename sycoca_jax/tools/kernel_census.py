@@ -128,12 +128,11 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
 def _fusion_bytes(body: list[Instruction]) -> int:
     """Bytes a fusion moves: its outputs (an in-place dynamic-update-slice writes its update
     only) and its parameters (one read only through dynamic-slice reads the slices)."""
-    types = {i.name: i.type for i in body}
+    by_name = {i.name: i for i in body}
     users: dict[str, list[Instruction]] = collections.defaultdict(list)
     for instruction in body:
         for operand in instruction.operands:
             users[operand].append(instruction)
-    by_name = {i.name: i for i in body}
     root = body[-1]
     outputs = [by_name[n] for n in root.operands] if root.op == "tuple" else [root]
     updated_in_place = set()
@@ -142,7 +141,7 @@ def _fusion_bytes(body: list[Instruction]) -> int:
         if out.op == "dynamic-update-slice":
             buffer, update = out.operands[:2]
             updated_in_place.add(buffer)
-            total += array_bytes(types.get(update, ""))
+            total += array_bytes(by_name[update].type if update in by_name else "")
         else:
             total += array_bytes(out.type)
     for param in (i for i in body if i.op == "parameter"):
