@@ -128,6 +128,23 @@ def _xla(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
     return jnp.einsum("bhts,bshd->bthd", probs, value)
 
 
+def _pad_length(x: Array, n: int) -> Array:
+    """``n`` zero positions appended along axis 1 (the sequence axis of (B, L, ...))."""
+    return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2)) if n else x
+
+
+def _hide_padded_keys(mask: Mask, batch: int, kv_len: int, n: int) -> Mask:
+    """The mask for keys padded by ``n`` positions at the end: the causal mask already hides
+    them (they come after every real query); otherwise the key-validity vector marks them."""
+    causal = isinstance(mask, AttentionMask) and mask.causal
+    key_valid = mask.key_valid if isinstance(mask, AttentionMask) else None
+    if not n or (causal and key_valid is None):
+        return mask
+    if key_valid is None:
+        key_valid = jnp.ones((batch, kv_len), bool)
+    return AttentionMask(key_valid=jnp.pad(key_valid, ((0, 0), (0, n))), causal=causal)
+
+
 def pad_to_even(
     query: Array, key: Array, value: Array, mask: Mask
 ) -> tuple[Array, Array, Array, Mask]:
@@ -138,23 +155,36 @@ def pad_to_even(
     pad_t, pad_s = query.shape[1] % 2, key.shape[1] % 2
     if not (pad_t or pad_s):
         return query, key, value, mask
+    mask = _hide_padded_keys(mask, key.shape[0], key.shape[1], pad_s)
+    key, value = _pad_length(key, pad_s), _pad_length(value, pad_s)
+    return _pad_length(query, pad_t), key, value, mask
 
-    def pad(x: Array, n: int) -> Array:
-        return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
 
-    causal = isinstance(mask, AttentionMask) and mask.causal
-    key_valid = mask.key_valid if isinstance(mask, AttentionMask) else None
-    if pad_s and (key_valid is not None or not causal):
-        if key_valid is None:
-            key_valid = jnp.ones(key.shape[:2], bool)
-        key_valid = jnp.pad(key_valid, ((0, 0), (0, pad_s)))
-    padded_mask = AttentionMask(key_valid=key_valid, causal=causal)
-    return pad(query, pad_t), pad(key, pad_s), pad(value, pad_s), padded_mask
+def pad_stack_to_even(
+    x: Array, mask: Mask, context: Array | None = None, context_mask: Mask = None
+) -> tuple[Array, Mask, Array | None, Mask]:
+    """``pad_to_even`` once for a whole stack of layers instead of in every attention call:
+    the token sequence ``x`` (B, T, D) and the cross-attention ``context`` (B, S, D) get one
+    zero position each if odd, and their masks hide it as a key. Every layer then hands cuDNN
+    even lengths, so no layer pads its queries, keys and values and slices its output again
+    (about 12 GB per B/32 step, compiled for an H200). Padded rows stay in their own positions
+    (MLPs and LayerNorms work per token; no real query sees them), so the caller drops
+    ``x[:, T:]`` at the end. Dense masks (the decode cache) are left alone."""
+    if isinstance(mask, jax.Array) or isinstance(context_mask, jax.Array):
+        return x, mask, context, context_mask
+    pad_t = x.shape[1] % 2
+    mask = _hide_padded_keys(mask, x.shape[0], x.shape[1], pad_t)
+    x = _pad_length(x, pad_t)
+    if context is not None and context.shape[1] % 2:
+        context_mask = _hide_padded_keys(context_mask, context.shape[0], context.shape[1], 1)
+        context = _pad_length(context, 1)
+    return x, mask, context, context_mask
 
 
 def _cudnn(query: Array, key: Array, value: Array, mask: Mask) -> Array:
     """cuDNN's fused kernel: its own causal mask (skipping the masked blocks), padding as a bias,
-    odd lengths padded to even (``pad_to_even``)."""
+    odd lengths padded to even (``pad_to_even``; a layer stack has already padded its own,
+    ``pad_stack_to_even``, so only single calls such as the poolers pad here)."""
     length = query.shape[1]
     query, key, value, mask = pad_to_even(query, key, value, mask)
     # jax partitions the cuDNN call only when query, key and value share one sharding. Compiled

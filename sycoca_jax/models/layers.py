@@ -18,6 +18,7 @@ from sycoca_jax.models.attention import AttentionMask as AttentionMask
 from sycoca_jax.models.attention import causal_mask as causal_mask
 from sycoca_jax.models.attention import dot_product_attention as dot_product_attention
 from sycoca_jax.models.attention import key_padding_mask as key_padding_mask
+from sycoca_jax.models.attention import pad_stack_to_even
 
 Dtype = Any
 Array = jax.Array
@@ -276,7 +277,9 @@ class Block(nn.Module):
 class BlockStack(nn.Module):
     """``depth`` blocks, either unrolled (``block_i``) or as one ``nn.scan`` (params stacked on a
     leading ``layers`` axis), each optionally rematerialised. Scanning keeps compile time flat in
-    depth; unrolled params are easier to read. The two compute the same function."""
+    depth; unrolled params are easier to read. The two compute the same function. With cuDNN
+    attention, odd lengths are padded once here rather than in every layer
+    (``attention.pad_stack_to_even``)."""
 
     depth: int
     num_heads: int
@@ -319,6 +322,9 @@ class BlockStack(nn.Module):
             gelu_approximate=self.gelu_approximate,
             layout=self.layout,
         )
+        length = x.shape[1]
+        if self.attention_impl == "cudnn" and not self.decode:
+            x, mask, context, context_mask = pad_stack_to_even(x, mask, context, context_mask)
         if self.scan:
             scanned = nn.scan(
                 block_cls,
@@ -329,10 +335,10 @@ class BlockStack(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(scanned=True, name="blocks", **kwargs)(x, mask, context, context_mask)
-            return x
-        for i in range(self.depth):
-            x = block_cls(name=f"block_{i}", **kwargs)(x, mask, context, context_mask)
-        return x
+        else:
+            for i in range(self.depth):
+                x = block_cls(name=f"block_{i}", **kwargs)(x, mask, context, context_mask)
+        return x[:, :length]
 
 
 class AttentionalPooler(nn.Module):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sycoca_jax import sharding
-from sycoca_jax.models import attention
+from sycoca_jax.models import attention, layers
 from sycoca_jax.models.attention import AttentionMask
 from tests.models.test_decoding_cache import _decode
 
@@ -165,6 +165,63 @@ def test_padding_odd_lengths_to_even_leaves_outputs_and_gradients_unchanged(t, s
     plain = lambda q, k, v, m: attention.dot_product_attention(q, k, v, m, "xla")  # noqa: E731
     for got, want in zip(loss(_through_padding), loss(plain), strict=True):
         np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def _cudnn_stand_in(lengths: list):
+    """XLA in the cuDNN kernel's place (absent on CPU), noting the lengths each call receives."""
+
+    def call(q, k, v, mask):
+        lengths.append((q.shape[1], k.shape[1]))
+        return _through_padding(q, k, v, mask)
+
+    return call
+
+
+STACKS = {  # (stack options, token length, context length, mask, context mask)
+    "image_tower": (dict(), 7, None, "none", None),
+    "text_tower_scanned": (dict(scan=True), 9, None, "causal_padding", None),
+    "multimodal_open_clip": (dict(cross_attention=True, layout="open_clip"), 6, 7, "causal", None),
+    "tgmim_decoder_scanned": (dict(cross_attention=True, scan=True), 9, 7, "none", "padding"),
+    "even": (dict(cross_attention=True), 6, 8, "causal", None),
+}
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_a_cudnn_stack_pads_once_and_computes_what_xla_does(monkeypatch, stack):
+    """With cuDNN attention a layer stack pads odd lengths once (``pad_stack_to_even``), so
+    every attention call in it receives even lengths and pads nothing; outputs and gradients
+    (parameters, tokens, context) equal the XLA stack's. Before, each call padded its own
+    queries, keys and values."""
+    options, t, s, mask_name, context_mask_name = STACKS[stack]
+    lengths: list = []
+    monkeypatch.setattr(attention, "_cudnn", _cudnn_stand_in(lengths))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, t, 16)), jnp.float32)
+    context = None if s is None else jnp.asarray(rng.normal(size=(2, s, 16)), jnp.float32)
+    mask = MASKS[mask_name](2, t, t)
+    context_mask = None if context_mask_name is None else MASKS[context_mask_name](2, t, s)
+
+    def stack_with(implementation):
+        return layers.BlockStack(
+            depth=2, num_heads=2, mlp_dim=32, attention_impl=implementation, **options
+        )
+
+    params = stack_with("xla").init(jax.random.key(0), x, mask, context, context_mask)
+
+    def grads(implementation):
+        def loss(params, x, context):
+            out = stack_with(implementation).apply(params, x, mask, context, context_mask)
+            return jnp.sum(out * jnp.cos(out)), out
+
+        argnums = (0, 1) if context is None else (0, 1, 2)
+        return jax.grad(loss, argnums=argnums, has_aux=True)(params, x, context)
+
+    (want_grads, want), (got_grads, got) = grads("xla"), grads("cudnn")
+    assert got.shape == x.shape
+    assert lengths and all(q % 2 == 0 and k % 2 == 0 for q, k in lengths), lengths
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4)
 
 
 def test_auto_falls_back_to_xla_when_cudnn_refuses_while_tracing(monkeypatch):
