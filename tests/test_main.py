@@ -44,6 +44,8 @@ def test_tiny_run_learns_and_logs_every_key(tiny_run):
         *LOSSES,
         "lr",
         "grad_norm",
+        "param_norm",
+        "update_norm",
         "temperature",
         "examples_per_sec",
         "examples_per_sec_per_device",
@@ -59,6 +61,18 @@ def test_tiny_run_learns_and_logs_every_key(tiny_run):
     assert [r["step"] for r in validation] == [30, 60]
     assert any("compile/compile_seconds" in r for r in read_metrics(workdir))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_param_norm_is_that_of_the_parameters_the_logged_step_returned(tiny_run):
+    """``param_norm`` is computed at log steps from the state the step returned (no longer
+    inside every step): at step 60 it is the norm of the step-60 checkpoint's parameters."""
+    _, workdir, _ = tiny_run
+    records = {r["step"]: r for r in read_metrics(workdir) if "param_norm" in r}
+    assert sorted(records) == [1, 10, 20, 30, 40, 50, 60]
+    params = ckpt.load_params(workdir, step=60)
+    squares = sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(params))
+    np.testing.assert_allclose(records[60]["param_norm"], np.sqrt(squares), rtol=1e-5)
+    assert records[1]["param_norm"] != records[60]["param_norm"]
 
 
 def test_profile_steps_write_a_trace(tiny_run):

@@ -56,6 +56,7 @@ HostBatch = dict[str, np.ndarray]
 StepFn = Callable[[State, dict[str, jax.Array]], tuple[State, dict[str, jax.Array]]]
 # evaluate(step, state, last_step): evaluations after the step's checkpoint.
 Evaluate = Callable[[int, State, bool], None]
+LogMetrics = Callable[[State], dict[str, jax.Array]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -202,8 +203,16 @@ class TrainLoop:
         self.profiler.after(step, (state, metrics))
         return state, metrics, host_batch
 
-    def run(self, state: State, step_fn: StepFn, evaluate: Evaluate | None = None) -> Outcome:
-        """Steps from ``state``'s step to ``total_steps``, or until a stop request."""
+    def run(
+        self,
+        state: State,
+        step_fn: StepFn,
+        evaluate: Evaluate | None = None,
+        log_metrics: LogMetrics | None = None,
+    ) -> Outcome:
+        """Steps from ``state``'s step to ``total_steps``, or until a stop request.
+        ``log_metrics(state)`` adds metrics of the state a logged step returned (computed at
+        log steps only, not by every step)."""
         step = int(jax.device_get(state["step"]))
         self.throughput.reset(step)
         pending: tuple[int, dict] | None = None  # the previous step's loss terms, on device
@@ -216,6 +225,8 @@ class TrainLoop:
                     check_finite(pending[0], host_metrics(pending[1]))
                 pending = (step, {k: v for k, v in metrics.items() if k.startswith("loss")})
                 if progress.is_log_step(step, self.config.log_every_steps, self.total_steps):
+                    if log_metrics is not None:
+                        metrics = {**metrics, **log_metrics(state)}
                     self._log(step, metrics, host_batch)
                 stopped = stop.should_stop(step)  # once per step on every process
                 if stopped or self._checkpoint_due(step):

@@ -19,7 +19,7 @@ from sycoca_jax.evaluation.common import EvalContext
 from sycoca_jax.metrics import MetricWriter
 from sycoca_jax.train import loop, pictures, preemption, profiling
 from sycoca_jax.train.setup import TrainSetup, init_without_workdir, make_setup
-from sycoca_jax.train.step import compile_train_step, make_eval_step
+from sycoca_jax.train.step import compile_train_step, make_eval_step, make_log_metrics
 
 # Logged on every line, None for an objective without that term.
 LOSS_KEYS = ("loss/itc", "loss/caption", "loss/tgmim")
@@ -65,7 +65,8 @@ def _train(
             logging.info("nothing to do: the run is complete")
             return {}
         compiled = _compile(setup, run.writer, start_step)
-        return run.run(state, compiled, _evaluator(setup, workdir, run.writer)).metrics
+        evaluate = _evaluator(setup, workdir, run.writer)
+        return run.run(state, compiled, evaluate, make_log_metrics(setup)).metrics
 
 
 def _compile(setup: TrainSetup, writer: MetricWriter, start_step: int) -> Any:

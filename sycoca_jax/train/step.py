@@ -85,12 +85,22 @@ def make_train_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, 
         new_params = optax.apply_updates(params, updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["param_norm"] = optax.tree.norm(new_params)
         metrics["update_norm"] = optax.tree.norm(updates)
         metrics["lr"] = setup.schedule(state["step"])
         return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
     return step
+
+
+def make_log_metrics(setup: TrainSetup) -> Callable[[State], dict[str, jax.Array]]:
+    """``state -> metrics`` of the state a step returned, computed only at the steps that log
+    them: ``param_norm``. Inside the step, XLA split each parameter's Adam update from that
+    norm and ``update_norm`` both reading it (a copy and a reduction per array): compiled for
+    an H200, the B/32 step with unrolled layers launched 7,640 kernels with it and 5,924
+    without, and moved 4.4 GB more."""
+    norm = jax.jit(optax.tree.norm, out_shardings=setup.placement.replicated)
+
+    return lambda state: {"param_norm": norm(state["params"])}
 
 
 def compile_train_step(setup: TrainSetup) -> tuple[Any, dict[str, float]]:
