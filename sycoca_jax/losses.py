@@ -57,9 +57,8 @@ def caption_loss(
     ``chunk_len`` positions at a time in float32 (``token_cross_entropy``), so no float32 copy of
     the batch × length × vocabulary logits, nor of their gradient, is ever made.
     """
-    nll = token_cross_entropy(logits, targets, label_smoothing, chunk_len)
+    nll, correct = token_cross_entropy(logits, targets, label_smoothing, chunk_len)
     total = jnp.maximum(jnp.sum(weights), 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(nll * weights) / total, jnp.sum(correct * weights) / total
 
 
@@ -69,14 +68,37 @@ def _chunk_starts(length: int, chunk_len: int) -> tuple[int, int, int]:
     return chunk, length // chunk, length % chunk
 
 
-def _chunk_forward(x: Array, targets: Array, label_smoothing: float) -> tuple[Array, Array]:
-    """(B, c, V) logits of any dtype -> per-token loss and log-sum-exp, float32 (B, c)."""
+def _one_pass(x: Array, targets: Array) -> tuple[Array, Array, Array, Array]:
+    """One read of (..., V) logits for what needs no maximum: each row's largest value and its
+    first index, the target's logit and the row's sum. Separately, ``jnp.max``, ``jnp.argmax``,
+    the target's gather (which the GPU compiler turned into a select over the whole row) and
+    ``jnp.mean`` each read the vocabulary-sized logits once more."""
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    target = jnp.where(index == targets[..., None], x, 0.0)
+
+    def combine(a, b):
+        (value_a, index_a, target_a, sum_a), (value_b, index_b, target_b, sum_b) = a, b
+        take_a = (value_a > value_b) | ((value_a == value_b) & (index_a < index_b))
+        top = jnp.where(take_a, value_a, value_b), jnp.where(take_a, index_a, index_b)
+        return *top, target_a + target_b, sum_a + sum_b
+
+    zero = jnp.array(0, x.dtype)
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, jnp.int32), zero, zero)
+    return jax.lax.reduce((x, index, target, x), init, combine, (x.ndim - 1,))
+
+
+def _chunk_forward(x: Array, targets: Array, label_smoothing: float) -> tuple[Array, Array, Array]:
+    """(B, c, V) logits of any dtype -> per-token loss, log-sum-exp and whether the target is
+    the first largest logit (float32 0/1), each (B, c), in two reads of the logits: ``_one_pass``
+    then the sum of exponentials, which needs the maximum."""
     x = x.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    nll = lse - jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    top, best, target, total = _one_pass(x, targets)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp: all -inf stays -inf
+    lse = top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
+    nll = lse - target
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(x, axis=-1))
-    return nll, lse
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - total / x.shape[-1])
+    return nll, lse, (best == targets).astype(jnp.float32)
 
 
 def _chunk_backward(
@@ -113,20 +135,22 @@ def _token_ce_fwd(logits, targets, label_smoothing, chunk_len):
     b, length = targets.shape
 
     def body(carry, start, size, logits, targets):
-        nll, lse = carry
-        n, s = _chunk_forward(
+        parts = _chunk_forward(
             _slice(logits, start, size), _slice(targets, start, size), label_smoothing
         )
-        nll = jax.lax.dynamic_update_slice_in_dim(nll, n, start, axis=1)
-        return nll, jax.lax.dynamic_update_slice_in_dim(lse, s, start, axis=1)
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(whole, part, start, axis=1)
+            for whole, part in zip(carry, parts, strict=True)
+        )
 
     zeros = jnp.zeros((b, length), jnp.float32)
-    nll, lse = _over_chunks(body, length, chunk_len, (zeros, zeros), logits, targets)
-    return nll, (logits, targets, lse)
+    nll, lse, correct = _over_chunks(body, length, chunk_len, (zeros,) * 3, logits, targets)
+    return (nll, correct), (logits, targets, lse)
 
 
-def _token_ce_bwd(label_smoothing, chunk_len, residuals, g):
+def _token_ce_bwd(label_smoothing, chunk_len, residuals, cotangents):
     logits, targets, lse = residuals
+    g = cotangents[0]  # the top-1 indicator has no gradient
 
     def body(grad, start, size, logits, targets, lse, g):
         part = _chunk_backward(
@@ -146,12 +170,14 @@ def _token_ce_bwd(label_smoothing, chunk_len, residuals, g):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def token_cross_entropy(
     logits: Array, targets: Array, label_smoothing: float = 0.0, chunk_len: int = 0
-) -> Array:
-    """Per-token (label-smoothed) cross-entropy, float32 (B, L), from (B, L, V) logits.
+) -> tuple[Array, Array]:
+    """Per-token (label-smoothed) cross-entropy and top-1 correctness (1.0 where the target is
+    the first largest logit), float32 (B, L) each, from (B, L, V) logits.
 
     Computed ``chunk_len`` positions at a time (0: all at once) in float32 from logits kept in
     their own dtype; the backward pass saves only the logits and a (B, L) log-sum-exp, and
-    writes the logits' gradient chunk by chunk in their dtype.
+    writes the logits' gradient chunk by chunk in their dtype. The correctness comes from the
+    same pass that finds each row's maximum, rather than from one more read of the logits.
     """
     return _token_ce_fwd(logits, targets, label_smoothing, chunk_len)[0]
 

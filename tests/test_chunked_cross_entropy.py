@@ -4,6 +4,7 @@ of the batch × length × vocabulary logits to one chunk."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import jax
@@ -62,6 +63,37 @@ def test_bfloat16_logits_keep_their_dtype_and_match_within_bf16_rounding():
     np.testing.assert_allclose(
         np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32), atol=2e-3, rtol=1e-2
     )
+
+
+def _reads_of(jaxpr, shape) -> list[str]:
+    """Reductions and gathers over an array of ``shape``, anywhere in ``jaxpr`` (loop bodies,
+    custom-VJP functions)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith(("reduce", "argm", "gather")) and any(
+            getattr(v.aval, "shape", None) == shape for v in eqn.invars
+        ):
+            found.append(eqn.primitive.name)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                found += _reads_of(inner, shape)
+    return found
+
+
+def test_the_forward_pass_reads_the_logits_twice():
+    """What the loss needs from the vocabulary-sized logits comes from two reductions: the
+    maximum with its index, the target's logit and the row sum in one (``_one_pass``), then
+    the exponentials. The plain formulation read them five times with label smoothing (max,
+    sum of exponentials, target gather, mean, and the accuracy's argmax)."""
+    logits, targets, weights = _inputs()
+    for chunk_len in (0, 4):
+        loss = functools.partial(losses.caption_loss, label_smoothing=0.1, chunk_len=chunk_len)
+        jaxpr = jax.make_jaxpr(loss)(logits, targets, weights).jaxpr
+        chunk = logits.shape[1] if chunk_len == 0 else chunk_len
+        assert _reads_of(jaxpr, (3, chunk, 37)) == ["reduce", "reduce_sum"]
+    plain = jax.make_jaxpr(lambda x: plain_caption_loss(x, targets, weights, 0.1))(logits).jaxpr
+    assert len(_reads_of(plain, logits.shape)) >= 4
 
 
 def _temp_bytes(loss_fn, b, length, vocab, dtype, sharding=None):

@@ -57,6 +57,31 @@ def test_caption_loss_ignores_pads_and_smooths():
     np.testing.assert_allclose(smooth, expected.sum() / weights.sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_len", [0, 3])
+def test_caption_accuracy_is_numpy_argmax_with_first_index_on_ties(chunk_len):
+    """The accuracy comes from the loss's own max-and-index pass over the logits: it equals
+    NumPy's argmax (the first index on ties, bf16 logits tie often) over the non-pad targets."""
+    rng = np.random.default_rng(4)
+    logits = np.round(rng.normal(size=(3, 7, 11)), 0).astype(np.float32)  # many ties
+    logits[0, 0, [2, 5]] = 9.0  # a tie for the top: the first index counts
+    targets = rng.integers(1, 11, (3, 7))
+    targets[0, 0] = 2
+    targets[1, 1] = 5
+    logits[1, 1, [2, 5]] = 9.0  # ... so target 5 is not the prediction
+    weights = (rng.random((3, 7)) > 0.2).astype(np.float32)
+    weights[:2, :2] = 1.0
+    _, acc = losses.caption_loss(
+        jnp.asarray(logits, jnp.bfloat16),
+        jnp.asarray(targets),
+        jnp.asarray(weights),
+        0.0,
+        chunk_len,
+    )
+    correct = (np.argmax(logits, -1) == targets) * weights
+    assert 0 < correct.sum() < weights.sum()
+    np.testing.assert_allclose(acc, correct.sum() / weights.sum(), rtol=1e-6)
+
+
 def test_caption_loss_is_not_trivial_on_a_copy_task():
     """A model that copies its input (predicts token t at position t) must not get a low loss:
     that is the symptom of a missing or doubled shift."""
