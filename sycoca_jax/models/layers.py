@@ -49,9 +49,21 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
 LAYER_LAYOUTS = ("fused", "open_clip")
 
 
+class TokenLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis, applied to all tokens as one (tokens, width) matrix.
+
+    Same parameters and numbers. On (B, T, D) activations XLA's GPU compiler laid the unrolled
+    layers' residual stream out batch-minor (for the scale and bias gradients' reductions over
+    B and T) and transposed it back around the matrix products: 17 GB per B/32 step compiled
+    for an H200, gone with the flat view (125.6 -> 110.4 GB outside matrix products)."""
+
+    def __call__(self, x: Array) -> Array:  # type: ignore[override]
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> nn.LayerNorm:
     """A LayerNorm with float32 parameters; ``epsilon`` 1e-6 (ours) or 1e-5 (open_clip, torch)."""
-    return nn.LayerNorm(
+    return TokenLayerNorm(
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=jnp.float32,
