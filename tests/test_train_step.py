@@ -72,9 +72,14 @@ def test_sharded_step_equals_single_device(single_device_run, mesh_shape, capfd)
     flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     reference = jax.tree.leaves(reference_state["params"])
     for (path, got), want in zip(flat, reference, strict=True):
-        np.testing.assert_allclose(
-            got, want, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path)
-        )
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['key']['bias']"):
+            # A key bias shifts every logit of a query's softmax equally: its gradient is zero
+            # but for rounding, which Adam turns into steps of either sign. Both runs keep it
+            # near its zero start; the rounding (and so the sign) depends on the layout.
+            assert np.abs(got).max() < 1e-5 and np.abs(want).max() < 1e-5, name
+            continue
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6, err_msg=name)
 
 
 def test_tgmim_guides_text_and_scores_pass_no_gradient(tiny_model, tiny_params, tiny_inputs):
