@@ -167,7 +167,8 @@ def pad_stack_to_even(
     the token sequence ``x`` (B, T, D) and the cross-attention ``context`` (B, S, D) get one
     zero position each if odd, and their masks hide it as a key. Every layer then hands cuDNN
     even lengths, so no layer pads its queries, keys and values and slices its output again
-    (about 12 GB per B/32 step, compiled for an H200). Padded rows stay in their own positions
+    (13 GB of padding kernels per B/32 step compiled for an H200, 6 GB of it extra traffic).
+    Padded rows stay in their own positions
     (MLPs and LayerNorms work per token; no real query sees them), so the caller drops
     ``x[:, T:]`` at the end. Dense masks (the decode cache) are left alone."""
     if isinstance(mask, jax.Array) or isinstance(context_mask, jax.Array):
