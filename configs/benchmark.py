@@ -18,6 +18,8 @@ Arguments (comma separated ``key=value``; a bare word is the preset):
   less than open_clip's model; the H200 figures in docs/performance.md say which they used.)
 - ``b16``: ``configs/sycoca.py:size=B/16`` with ``model.remat=dots``, as the GPU recipe trains it.
 
+Both run their layer stacks with no loop (``model.scan_unroll=0``), as the GPU recipe does.
+
 Both run in bfloat16 at batch 256 unless overridden; data, evaluators and the schedule are those
 of ``configs/sycoca.py`` and unused by the benchmark.
 """
@@ -32,10 +34,16 @@ from sycoca_jax.config_args import load_config, parse_arg
 from sycoca_jax.interop import open_clip_presets
 
 PRESETS = {
-    "openclip_b32": dict(size="B/32", objective="coca", open_clip="coca_ViT-B-32"),
+    # scan_unroll=0: the layer stacks run with no loop (parameters still stacked). Compiled for
+    # an H200, the B/32 step then moves 169 GB outside matrix products instead of 393 and
+    # launches 4,077 kernels instead of 7,413; SyCoCa-B/16 397 GB instead of 466
+    # (docs/performance.md). model.scan_unroll=1 gives the loop back.
+    "openclip_b32": dict(
+        size="B/32", objective="coca", open_clip="coca_ViT-B-32", model=dict(scan_unroll=0)
+    ),
     # remat=dots: without it SyCoCa-B/16 at batch 256 needs 125 GiB (out of memory on a 141 GB
     # H200); with it 40 GiB, and CoCa-B/16 runs faster than without (217 vs 250 ms per step).
-    "b16": dict(size="B/16", objective="sycoca", model=dict(remat="dots")),
+    "b16": dict(size="B/16", objective="sycoca", model=dict(remat="dots", scan_unroll=0)),
 }
 
 

@@ -21,8 +21,8 @@ Arguments (comma separated ``key=value``; a bare word is the task):
 
 ``--init`` (or ``config.init``) is the pretraining workdir; ``init_step`` picks a step (default
 the latest). The model is rebuilt from the checkpoint's own config; ``config.model`` may change
-only how it computes (dtype, attention_impl, remat). The tokenizer is the pretraining run's
-unless ``data.tokenizer`` is set.
+only how it computes (dtype, attention_impl, remat, scan_unroll). The tokenizer is the
+pretraining run's unless ``data.tokenizer`` is set.
 
 Recipes:
   linear_probe  frozen features (``linear_probe.feature``: mean of the patch states, the
@@ -144,7 +144,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.allow_config_change = ""
     # How the pretrained model computes (None: as in pretraining); what it computes is fixed.
     config.model = ml_collections.ConfigDict(
-        dict(dtype=placeholder(str), attention_impl=placeholder(str), remat=placeholder(str))
+        dict(
+            dtype=placeholder(str),
+            attention_impl=placeholder(str),
+            remat=placeholder(str),
+            scan_unroll=placeholder(int),
+        )
     )
     config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules="fsdp"))
     config.data = data_config(args.data, args.task)

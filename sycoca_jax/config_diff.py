@@ -58,6 +58,7 @@ SAFE_FIELDS = (
     # Kernels and memory choices that compute the same function.
     "model.attention_impl",
     "model.remat",
+    "model.scan_unroll",
 )
 
 _ABSENT = "<absent>"

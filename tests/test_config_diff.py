@@ -71,6 +71,7 @@ def test_safe_changes_are_returned_for_logging(saved):
     config.keep_checkpoints = 5
     config.evals.shapes_zeroshot.every_steps = 0
     config.mesh.shape = (2, 2, 2)
+    config.model.scan_unroll = 0  # how the layers compile, the same parameters
     diff = diff_on_resume(saved, config)
     assert {c.field for c in diff.safe} == {
         "total_steps",
@@ -79,6 +80,7 @@ def test_safe_changes_are_returned_for_logging(saved):
         "keep_checkpoints",
         "evals.shapes_zeroshot.every_steps",
         "mesh.shape",
+        "model.scan_unroll",
     }
     assert not diff.accepted and "total_steps 1500 → 3000" in diff.describe()
 

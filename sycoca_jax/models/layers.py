@@ -286,12 +286,28 @@ class Block(nn.Module):
         return (x, None) if self.scanned else x
 
 
+def scan_unroll(depth: int, layers: int) -> int:
+    """``nn.scan``'s ``unroll`` for ``model.scan_unroll``: 0 is the whole depth."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(
+            f"scan_unroll must be 0 (no loop) or a number of layers per loop iteration, "
+            f"got {layers!r}"
+        )
+    return min(layers or depth, depth)
+
+
 class BlockStack(nn.Module):
     """``depth`` blocks, either unrolled (``block_i``) or as one ``nn.scan`` (params stacked on a
     leading ``layers`` axis), each optionally rematerialised. Scanning keeps compile time flat in
     depth; unrolled params are easier to read. The two compute the same function. With cuDNN
     attention, odd lengths are padded once here rather than in every layer
-    (``attention.pad_stack_to_even``)."""
+    (``attention.pad_stack_to_even``).
+
+    ``scan_unroll`` sets how many layers one iteration of the scan's loop runs (``nn.scan``'s
+    ``unroll``); 0 means all of them: no loop at all, the parameters still stacked. Without the
+    loop XLA's GPU compiler writes each layer's activations where the backward pass reads them
+    instead of copying them into stacked buffers, and the optimiser still updates one array per
+    stacked weight rather than one per layer."""
 
     depth: int
     num_heads: int
@@ -301,6 +317,7 @@ class BlockStack(nn.Module):
     attention_impl: str = "xla"
     decode: bool = False
     scan: bool = False
+    scan_unroll: int = 1
     remat: str = "none"
     layer_norm_epsilon: float = 1e-6
     gelu_approximate: bool = True
@@ -314,14 +331,19 @@ class BlockStack(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
     ) -> Array:
+        unroll = scan_unroll(self.depth, self.scan_unroll)
         block_cls = Block
         if self.remat != "none":
             if self.remat not in REMAT_POLICIES:
                 raise ValueError(
                     f"remat must be one of none, {', '.join(REMAT_POLICIES)}; got {self.remat!r}"
                 )
+            # Only a loop keeps XLA from merging the backward pass's recomputation with the
+            # forward pass (which would keep the activations remat was asked to drop): layers
+            # outside one (unrolled, or the remainder of an uneven unroll) need the barrier.
+            looped = self.scan and unroll < self.depth and self.depth % unroll == 0
             block_cls = nn.remat(
-                block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan
+                block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not looped
             )
         kwargs = dict(
             num_heads=self.num_heads,
@@ -344,6 +366,7 @@ class BlockStack(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=self.depth,
+                unroll=unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(scanned=True, name="blocks", **kwargs)(x, mask, context, context_mask)

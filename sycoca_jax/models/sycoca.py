@@ -82,6 +82,7 @@ class SyCoCa(nn.Module):
     dtype: Any = "float32"
     attention_impl: str = "xla"
     scan: bool = False
+    scan_unroll: int = 1  # layers per scan iteration; 0: no loop
     remat: str = "none"
     decode: bool = False
     # open_clip compatibility (see the module docstring).
@@ -118,6 +119,7 @@ class SyCoCa(nn.Module):
         common = dict(dtype=dtype, attention_impl=self.attention_impl)
         stack = dict(
             scan=self.scan,
+            scan_unroll=self.scan_unroll,
             remat=self.remat,
             layer_norm_epsilon=self.layer_norm_epsilon,
             gelu_approximate=self.gelu_approximate,

@@ -90,6 +90,7 @@ class TextEncoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     scan: bool = False
+    scan_unroll: int = 1
     remat: str = "none"
     decode: bool = False
     layer_norm_epsilon: float = 1e-6
@@ -117,6 +118,7 @@ class TextEncoder(nn.Module):
             attention_impl=self.attention_impl,
             decode=self.decode,
             scan=self.scan,
+            scan_unroll=self.scan_unroll,
             remat=self.remat,
             layer_norm_epsilon=self.layer_norm_epsilon,
             gelu_approximate=self.gelu_approximate,
@@ -160,6 +162,7 @@ class MultimodalDecoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     scan: bool = False
+    scan_unroll: int = 1
     remat: str = "none"
     decode: bool = False
     layer_norm_epsilon: float = 1e-6
@@ -185,6 +188,7 @@ class MultimodalDecoder(nn.Module):
             attention_impl=self.attention_impl,
             decode=self.decode,
             scan=self.scan,
+            scan_unroll=self.scan_unroll,
             remat=self.remat,
             layer_norm_epsilon=self.layer_norm_epsilon,
             gelu_approximate=self.gelu_approximate,

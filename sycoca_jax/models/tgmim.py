@@ -48,6 +48,7 @@ class TGMIMDecoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     scan: bool = False
+    scan_unroll: int = 1
     remat: str = "none"
     layer_norm_epsilon: float = 1e-6
     gelu_approximate: bool = True
@@ -98,6 +99,7 @@ class TGMIMDecoder(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             scan=self.scan,
+            scan_unroll=self.scan_unroll,
             remat=self.remat,
             layer_norm_epsilon=self.layer_norm_epsilon,
             gelu_approximate=self.gelu_approximate,

@@ -25,7 +25,7 @@ from sycoca_jax.models.text import caption_input_and_target
 Array = jax.Array
 
 # Model fields a transfer run may change: how it computes, not what it computes.
-COMPUTE_FIELDS = ("dtype", "attention_impl", "remat")
+COMPUTE_FIELDS = ("dtype", "attention_impl", "remat", "scan_unroll")
 PROBE_FEATURES = ("mean_patch", "embedding", "mean_patch+embedding")
 
 

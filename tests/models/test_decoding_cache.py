@@ -70,7 +70,11 @@ def test_cached_decoding_matches_full_forward(tiny_model, tiny_params, full_leng
     np.testing.assert_allclose(chunked, full, atol=2e-5, rtol=1e-4)
 
 
-def test_scan_and_unrolled_layouts_compute_the_same(tiny_model, tiny_params, tiny_inputs):
+@pytest.mark.parametrize("scan_unroll", [1, 0])
+def test_scan_and_unrolled_layouts_compute_the_same(
+    tiny_model, tiny_params, tiny_inputs, scan_unroll
+):
+    """Scanned with a loop over the layers (``scan_unroll=1``) or with none (0, every tower)."""
     images, tokens = tiny_inputs
 
     def forward(model):
@@ -81,11 +85,16 @@ def test_scan_and_unrolled_layouts_compute_the_same(tiny_model, tiny_params, tin
         )
 
     unrolled = forward(tiny_model)(tiny_params)
-    scanned_model = tiny_model.clone(scan=True)
+    scanned_model = tiny_model.clone(scan=True, scan_unroll=scan_unroll)
     stacked = convert.to_scanned(tiny_params)
     expected_shapes = jax.tree.map(lambda x: x.shape, build.abstract_params(scanned_model))
     assert jax.tree.map(lambda x: x.shape, stacked) == expected_shapes
     scanned = forward(scanned_model)(stacked)
+    # Every stack takes the setting: no loop is left with 0 (a depth-2 TG-MIM decoder, since
+    # a one-layer stack has no loop to lose).
+    deeper = scanned_model.clone(decoder_depth=2)
+    lowered = forward(deeper).lower(build.abstract_params(deeper)).as_text()
+    assert ("stablehlo.while" in lowered) == (scan_unroll == 1)
     for key in unrolled:
         np.testing.assert_allclose(scanned[key], unrolled[key], atol=1e-5, rtol=1e-5, err_msg=key)
 

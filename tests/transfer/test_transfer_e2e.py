@@ -214,6 +214,15 @@ def test_question_states_are_what_the_vocabulary_projection_reads(pretrained):
     assert out["qa_targets"].shape == (b_q, length)
 
 
+def test_transfer_may_change_how_the_model_computes_not_what(pretrained):
+    overrides = {"dtype": "bfloat16", "remat": "full", "scan_unroll": 0, "attention_impl": None}
+    model = towers.load_pretrained(pretrained, overrides=overrides).model
+    assert (model.dtype, model.remat, model.scan_unroll) == ("bfloat16", "full", 0)
+    assert model.attention_impl == "xla"  # None keeps the checkpoint's
+    with pytest.raises(ValueError, match="'text_width' cannot change in transfer"):
+        towers.load_pretrained(pretrained, overrides={"text_width": 8})
+
+
 def test_a_missing_or_wrong_checkpoint_is_named(tmp_path, data_dir):
     config = transfer_config("finetune", data_dir, None)
     with pytest.raises(ValueError, match="--init"):
