@@ -147,6 +147,13 @@ GPU_CASES = {
         "--config.mesh.rules=fsdp",
         "--config.batch_size=64",
     ],
+    # The GPU presets' layer layout: scanned stacks with no loop, rematerialised.
+    "one_h200_scan_without_loop_remat": [
+        "--gpu=h200",
+        "--config.model.scan=true",
+        "--config.model.scan_unroll=0",
+        "--config.model.remat=dots",
+    ],
 }
 
 
