@@ -42,9 +42,9 @@ def test_token_layer_norm_equals_flax_layer_norm(shape, dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-5)
 
 
-def _stack(scan_unroll: int, remat: str = "none", depth: int = 4) -> layers.BlockStack:
+def _stack(scan_unroll: int, remat: str = "none") -> layers.BlockStack:
     return layers.BlockStack(
-        depth=depth,
+        depth=4,
         num_heads=4,
         mlp_dim=64,
         cross_attention=True,
