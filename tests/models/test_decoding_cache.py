@@ -44,11 +44,14 @@ def _decode(model, params, image_tokens, text_input, chunks):
     return jnp.concatenate(outputs, axis=1)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cached_decoding_matches_full_forward(tiny_model, tiny_params, full_length_tokens, scan):
+@pytest.mark.parametrize("scan, scan_unroll", [(False, 1), (True, 1), (True, 0)])
+def test_cached_decoding_matches_full_forward(
+    tiny_model, tiny_params, full_length_tokens, scan, scan_unroll
+):
     model, params = tiny_model, tiny_params
     if scan:
-        model, params = model.clone(scan=True), convert.to_scanned(params)
+        model = model.clone(scan=True, scan_unroll=scan_unroll)
+        params = convert.to_scanned(params)
     tokens = full_length_tokens
     images = jnp.asarray(np.random.default_rng(6).normal(size=(2, 64, 64, 3)), jnp.float32)
 
