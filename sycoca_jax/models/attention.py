@@ -23,6 +23,9 @@ Array = jax.Array
 
 NEG_INF = -1e9  # large finite negative: keeps fully-masked rows finite (they never occur by design)
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "jax")
+# The name splash attention gives the residuals its backward pass reads (output, log-sum-exp), so a
+# remat policy can keep them (layers.save_dots_and_attention).
+ATTENTION_RESIDUALS = "attention_residuals"
 SPLASH_BLOCK = 128  # splash attention's tile along both sequences (TPU lanes)
 _QKV_AXES = ("act_batch", None, "heads", None)  # (B, T, H, D) activations
 
@@ -253,6 +256,7 @@ def _splash_local(query, key, value, key_valid, *, causal: bool, interpret: bool
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,
+        residual_checkpoint_name=ATTENTION_RESIDUALS,
     )
     out = jax.vmap(kernel)(q, k, v, segment_ids)  # (b, h, T_padded, D)
     return out[:, :, :t].transpose(0, 2, 1, 3)

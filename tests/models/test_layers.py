@@ -5,13 +5,16 @@ its recomputation apart from the forward pass."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.ad_checkpoint import print_saved_residuals
 
 from sycoca_jax.models import layers
 
@@ -82,7 +85,8 @@ def _loss_grads(scan_unroll: int, remat: str):
 
 
 @pytest.mark.parametrize(
-    ("scan_unroll", "remat"), [(0, "none"), (0, "dots"), (2, "none"), (3, "dots")]
+    ("scan_unroll", "remat"),
+    [(0, "none"), (0, "dots"), (2, "none"), (3, "dots"), (0, "dots_attention_gelu")],
 )
 def test_a_scan_without_its_loop_computes_what_the_loop_does(scan_unroll, remat):
     want_params, (want_grads, want), looped_program = _loss_grads(1, remat)
@@ -119,3 +123,72 @@ def test_scan_unroll_refuses_what_is_not_a_number_of_layers(scan_unroll):
     x, mask, context = _stack_inputs()
     with pytest.raises(ValueError, match="scan_unroll must be 0"):
         _stack(scan_unroll).init(jax.random.key(2), x, mask, context)
+
+
+def _saved(fn, *args) -> str:
+    """What the forward pass keeps for the backward (jax.ad_checkpoint.print_saved_residuals)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(fn, *args)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mask_name", ["causal", "padding"])
+def test_dots_attention_keeps_the_kernels_residuals_instead_of_rerunning_it(mask_name):
+    """Under ``dots`` the backward pass re-runs the attention kernel's forward (splash, run here
+    interpreted) for its output and log-sum-exp; ``dots_attention`` keeps both, and the
+    gradients are the same."""
+    b, t, h, d = 2, 8, 2, 128
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, t, h, d)) for i in range(3))
+    if mask_name == "causal":
+        mask = layers.AttentionMask(causal=True)
+    else:
+        mask = layers.key_padding_mask(jnp.arange(t)[None, :] < jnp.array([[t], [5]]))
+
+    def loss(remat: str):
+        def f(q, k, v):
+            return jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, mask, "splash")))
+
+        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
+
+    kernel_output = "output of jitted function '_splash_attention'"
+    assert _saved(loss("dots"), q, k, v).count(kernel_output) == 0
+    saved = _saved(loss("dots_attention"), q, k, v)
+    # its output and log-sum-exp, at splash's padded length (one block of 128)
+    assert saved.count(kernel_output) == 2
+    assert f"f32[{b},{h},128,{d}] {kernel_output}" in saved
+    assert f"f32[{b},{h},128] {kernel_output}" in saved
+    want = jax.grad(loss("dots"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss("dots_attention"), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_the_policies_name_jax_s_cudnn_attention_call():
+    """cuDNN's forward is recognised by its primitive's name (no CUDA here to trace it): a jax
+    that renames it would silently fall back to re-running the kernel."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    assert cudnn._dot_product_attention_fwd_p_wrapper.name == layers._CUDNN_ATTENTION_FORWARD
+    policy = layers.REMAT_POLICIES["dots_attention"]
+    assert policy(cudnn._dot_product_attention_fwd_p_wrapper) is True
+    assert policy(cudnn._dot_product_attention_bwd_p_wrapper) is False
+
+
+def test_dots_attention_gelu_keeps_the_mlp_activation_and_the_gradients():
+    mlp = layers.Mlp(hidden_dim=32)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    params = mlp.init(jax.random.key(1), x)
+
+    def loss(remat: str):
+        def f(p, x):
+            return jnp.sum(jnp.sin(mlp.apply(p, x)))
+
+        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
+
+    activation = "f32[2,3,32] named 'mlp_activation'"
+    assert activation not in _saved(loss("dots_attention"), params, x)
+    assert activation in _saved(loss("dots_attention_gelu"), params, x)
+    want = jax.grad(loss("dots"))(params, x)
+    got = jax.grad(loss("dots_attention_gelu"))(params, x)
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-6, atol=1e-7)
