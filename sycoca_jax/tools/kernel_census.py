@@ -11,11 +11,12 @@ flags can be judged by the traffic it removes, on a CPU host (``tools.compile_fo
 for a GPU without one).
 
 Bytes are counted per launch, as the kernel sees them: each operand once and each result once,
-except that a fusion operand read only through ``dynamic-slice`` counts the slices it reads, and
-the buffer a ``dynamic-update-slice`` updates in place counts only the update written (XLA
-updates it in place). What a kernel re-reads from cache or recomputes is not seen, so the
-traffic is a lower bound; on the H200 the B/32 step's non-matmul kernels took 0.95× the time
-this traffic takes at the measured copy bandwidth, the B/16 steps' 1.3-1.65×.
+except that an operand read only through ``slice`` or ``dynamic-slice`` counts the slices it reads
+(a layer's weights cut from a stacked array), and the buffer a ``dynamic-update-slice`` updates in
+place counts only the update written (XLA updates it in place). What a kernel re-reads from cache
+or recomputes is not seen, so the traffic is a lower bound; on the H200 the B/32 step's
+non-matmul kernels took 0.95× the time this traffic takes at the measured copy bandwidth, the
+B/16 steps' 1.3-1.65×.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _FREE = frozenset(
     "opt-barrier add-dependency copy-done all-reduce-done all-gather-done "
     "collective-permute-done send-done recv-done async-done async-update domain".split()
 )
+_SLICES = ("slice", "dynamic-slice")
 _MATMUL_CALLS = ("cublas", "gemm", "matmul", "onednn")
 _ATTENTION_CALLS = ("cudnn$fmha", "flash", "splash", "attention")
 
@@ -127,7 +129,7 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
 
 def _fusion_bytes(body: list[Instruction]) -> int:
     """Bytes a fusion moves: its outputs (an in-place dynamic-update-slice writes its update
-    only) and its parameters (one read only through dynamic-slice reads the slices)."""
+    only) and its parameters (one read only through slices reads the slices)."""
     by_name = {i.name: i for i in body}
     users: dict[str, list[Instruction]] = collections.defaultdict(list)
     for instruction in body:
@@ -148,7 +150,7 @@ def _fusion_bytes(body: list[Instruction]) -> int:
         readers = [u for u in users[param.name] if u.op != "bitcast"]
         if param.name in updated_in_place and all(u.op == "dynamic-update-slice" for u in readers):
             continue
-        if readers and all(u.op == "dynamic-slice" for u in readers):
+        if readers and all(u.op in _SLICES for u in readers):
             total += sum(array_bytes(u.type) for u in readers)
         else:
             total += array_bytes(param.type)
@@ -242,7 +244,7 @@ def _walk(computations: dict[str, list[Instruction]], name: str, trips: int) -> 
             moved = _fusion_bytes(fused)
         elif op == "dynamic-update-slice":
             moved = 2 * array_bytes(types.get(instruction.operands[1], ""))
-        elif op == "dynamic-slice":
+        elif op in _SLICES:
             moved = 2 * array_bytes(instruction.type)
         else:
             result = instruction.type

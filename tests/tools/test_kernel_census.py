@@ -66,6 +66,24 @@ def test_an_in_place_update_moves_the_update_not_the_buffer():
         assert k.bytes_per_launch <= 2 * row_bytes + 64 < buffer_bytes
 
 
+def test_a_layer_cut_from_a_stacked_array_moves_the_layer_not_the_stack():
+    """With ``model.scan_unroll=0`` each layer's weights are a ``slice`` of the stacked array;
+    counting the whole stack per layer made the B/16 step look 14 GB heavier than it is."""
+    layers, rows, width = 12, 256, 512
+    stack = jnp.ones((layers, rows, width), jnp.float32)
+    layer_bytes = rows * width * 4
+    [kernel] = _census(lambda w: w[3] * 2.0, stack)  # slice fused with its consumer
+    assert kernel.bytes == 2 * layer_bytes
+    program = f"""HloModule m
+ENTRY %main (w: f32[{layers},{rows},{width}]) -> f32[1,{rows},{width}] {{
+  %w = f32[{layers},{rows},{width}]{{2,1,0}} parameter(0)
+  ROOT %s = f32[1,{rows},{width}]{{2,1,0}} slice(%w), slice={{[3:4], [0:{rows}], [0:{width}]}}
+}}
+"""
+    [kernel] = kernel_census.kernels(program)  # a slice on its own
+    assert kernel.bytes == 2 * layer_bytes
+
+
 def test_a_library_calls_scratch_space_is_not_counted_as_traffic():
     """cuBLAS returns a 32 MiB workspace beside each product (seen in the H200 program)."""
     call = 'custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"'
@@ -154,18 +172,30 @@ GPU_CASES = {
         "--config.model.scan_unroll=0",
         "--config.model.remat=dots",
     ],
+    # The B/16 preset's remat, which keeps cuDNN attention's forward outputs.
+    "one_h200_cudnn_dots_attention_gelu": [
+        "--gpu=h200",
+        "--config.model.attention_impl=cudnn",
+        "--config.model.dtype=bfloat16",
+        "--config.model.remat=dots_attention_gelu",
+    ],
 }
 
 
 @pytest.mark.skipif(compile_for_gpu.cuda_plugin_missing() is not None, reason="no CUDA plugin")
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_the_tiny_step_compiles_for_gpus_without_one(case):
+def test_the_tiny_step_compiles_for_gpus_without_one(case, tmp_path):
     """Where jax's CUDA plugin is installed (no GPU needed), the command compiles and counts."""
     config = f"--config={ROOT / 'configs' / 'sycoca.py'}:tiny"
     command = [sys.executable, "-m", "sycoca_jax.tools.compile_for_gpu", config, "--json"]
+    command += [f"--hlo_dir={tmp_path}"]
     result = subprocess.run(
         command + GPU_CASES[case], capture_output=True, text=True, timeout=900, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["fits"] is True and report["kernels_per_step"] > 100
+    if "dots_attention" in " ".join(GPU_CASES[case]):  # no attention forward re-run backward
+        launched = kernel_census.kernels((tmp_path / "point0.hlo").read_text())
+        forwards = [k for k in launched if k.source.endswith("dot_product_attention_fwd")]
+        assert forwards and all(k.phase == "forward" for k in forwards)
