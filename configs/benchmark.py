@@ -16,7 +16,8 @@ Arguments (comma separated ``key=value``; a bare word is the preset):
   (256 queries), LayerNorm epsilon 1e-5 and exact GELU: 101.1 GFLOP per training example.
   (Until 2026-12-01 it had no class token and one MLP per multimodal layer, 89.1 GFLOP, 12 %
   less than open_clip's model; the H200 figures in docs/performance.md say which they used.)
-- ``b16``: ``configs/sycoca.py:size=B/16`` with ``model.remat=dots``, as the GPU recipe trains it.
+- ``b16``: ``configs/sycoca.py:size=B/16`` with ``model.remat=dots_attention_gelu``, as the GPU
+  recipe trains it.
 
 Both run their layer stacks with no loop (``model.scan_unroll=0``), as the GPU recipe does.
 
@@ -41,9 +42,14 @@ PRESETS = {
     "openclip_b32": dict(
         size="B/32", objective="coca", open_clip="coca_ViT-B-32", model=dict(scan_unroll=0)
     ),
-    # remat=dots: without it SyCoCa-B/16 at batch 256 needs 125 GiB (out of memory on a 141 GB
-    # H200); with it 40 GiB, and CoCa-B/16 runs faster than without (217 vs 250 ms per step).
-    "b16": dict(size="B/16", objective="sycoca", model=dict(remat="dots", scan_unroll=0)),
+    # Remat: without it SyCoCa-B/16 at batch 256 needs 125 GiB (out of memory on a 141 GB H200);
+    # with remat=dots 40 GiB, and CoCa-B/16 runs faster than without (217 vs 250 ms per step).
+    # dots_attention_gelu also keeps the attention kernels' outputs and the GELU: compiled for an
+    # H200, 44 GB fewer outside matrix products and attention, and 68 fewer attention kernels
+    # than dots, for 12 GiB more (docs/performance.md).
+    "b16": dict(
+        size="B/16", objective="sycoca", model=dict(remat="dots_attention_gelu", scan_unroll=0)
+    ),
 }
 
 

@@ -26,9 +26,10 @@ per model (several compiled variants each), most important first, one JSON line 
      the loop with auto);
   2. configs/benchmark.py:b16 (SyCoCa-B/16), bf16, batch 256, attention auto;
   3. configs/benchmark.py:b16,objective=coca: the same (the SyCoCa/CoCa step-time ratio);
-  4. b16 with attention cudnn; openclip_b32 with unrolled parameters (model.scan=false: the
-     same bytes as no loop, 2,400 more kernels, one optimiser update per layer's array);
-     openclip_b32 and b16 at batch 128.
+  4. b16 with attention cudnn, with the preset's remat (dots_attention_gelu) and with dots
+     (whose backward re-runs the attention kernels and the GELU); openclip_b32 with unrolled
+     parameters (model.scan=false: the same bytes as no loop, 2,400 more kernels, one
+     optimiser update per layer's array); openclip_b32 and b16 at batch 128.
 
 Variants left when the time budget is spent are printed as skipped. About 7 minutes on one
 H100/H200 (compiles dominate; unrolled layers compile longer).
@@ -158,7 +159,7 @@ bench openclip_b32 'batch_size=256;model.attention_impl=auto,cudnn;model.scan_un
 bench openclip_b32 'batch_size=256;model.attention_impl=cudnn;loss.caption_chunk_len=0'
 bench b16 'batch_size=256;model.attention_impl=auto'
 bench b16,objective=coca 'batch_size=256;model.attention_impl=auto'
-bench b16 'batch_size=256;model.attention_impl=cudnn'
+bench b16 'batch_size=256;model.attention_impl=cudnn;model.remat=dots_attention_gelu,dots'
 bench openclip_b32 'batch_size=256;model.attention_impl=auto;model.scan=false'
 bench openclip_b32 'batch_size=128;model.attention_impl=auto'
 bench b16 'batch_size=128;model.attention_impl=auto'
