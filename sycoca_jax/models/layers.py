@@ -25,29 +25,36 @@ Dtype = Any
 Array = jax.Array
 
 
-# The name the MLP's activation carries, so a remat policy can keep it.
+# Names that let a remat policy keep a value: the MLP's activation, and the queries, keys and
+# values (after their bias) that attention kernels read again in their backward.
 MLP_ACTIVATION = "mlp_activation"
+ATTENTION_INPUTS = "attention_inputs"
 # jax.nn.dot_product_attention's cuDNN forward call, whose outputs are the output and the softmax
 # statistics its backward reads.
 _CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
 
 
 def save_dots_and(*names: str) -> Callable:
-    """``dots`` plus what an attention kernel returns for its backward (output and softmax
-    statistics: cuDNN's forward call, splash's named residuals) and the values tagged with
-    ``names``.
+    """``dots`` plus what an attention kernel reads and returns for its backward (queries, keys
+    and values after their bias; output and softmax statistics: cuDNN's forward call, splash's
+    named residuals) and the values tagged with ``names``.
 
     Why: under ``dots`` the backward re-runs every attention kernel's forward (on one H200,
-    SyCoCa-B/16's attention took 35.7 ms of its step; batch 128 without remat took 12.3), and
-    recomputes the GELU from the saved product, re-reading and re-writing the widest
-    activation."""
+    SyCoCa-B/16's attention took 35.7 ms of its step; batch 128 without remat took 12.3) and
+    every q/k/v bias add; and it recomputes the GELU from the saved product, re-reading and
+    re-writing the widest activation. Keeping q, k and v after the bias, rather than the bare
+    products, also lets XLA fold the bias into the product's cuBLAS call."""
 
     def policy(prim: Any, *args: Any, **params: Any) -> bool:
         if jax.checkpoint_policies.checkpoint_dots(prim, *args, **params):
             return True
         if prim.name == _CUDNN_ATTENTION_FORWARD:
             return True
-        return prim.name == "name" and params.get("name") in (ATTENTION_RESIDUALS, *names)
+        return prim.name == "name" and params.get("name") in (
+            ATTENTION_INPUTS,
+            ATTENTION_RESIDUALS,
+            *names,
+        )
 
     return policy
 
@@ -138,7 +145,8 @@ class HeadProjection(nn.Module):
         y = x.reshape(*leading, fan_in).astype(self.dtype) @ matrix + bias.reshape(-1).astype(
             self.dtype
         )
-        return y.reshape(*leading, *self.features)
+        y = y.reshape(*leading, *self.features)
+        return checkpoint_name(y, ATTENTION_INPUTS) if self.to_heads else y
 
 
 class MultiHeadAttention(nn.Module):

@@ -164,6 +164,31 @@ def test_dots_attention_keeps_the_kernels_residuals_instead_of_rerunning_it(mask
         np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+def test_dots_attention_keeps_queries_keys_and_values_after_their_bias():
+    """The attention kernel's backward reads q, k and v: under ``dots`` only the products before
+    the bias are kept, so the bias add runs again in the backward (and cannot fold into the
+    product's cuBLAS call in the forward, where the bare product is kept too)."""
+    attention = layers.MultiHeadAttention(num_heads=2)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    params = attention.init(jax.random.key(1), x)
+
+    def loss(remat: str):
+        def f(p, x):
+            return jnp.sum(jnp.sin(attention.apply(p, x)))
+
+        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
+
+    named, bare = "f32[2,5,2,4] named 'attention_inputs'", "f32[2,5,8] output of dot_general"
+    saved = _saved(loss("dots"), params, x)
+    assert named not in saved and saved.count(bare) == 4  # q, k, v and the output projection
+    for remat in ("dots_attention", "dots_attention_gelu"):
+        saved = _saved(loss(remat), params, x)
+        assert saved.count(named) == 3 and saved.count(bare) == 1, saved
+    want = jax.grad(loss("dots"))(params, x)
+    got = jax.grad(loss("dots_attention"))(params, x)
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-6, atol=1e-7)
+
+
 def test_the_policies_name_jax_s_cudnn_attention_call():
     """cuDNN's forward is recognised by its primitive's name (no CUDA here to trace it): a jax
     that renames it would silently fall back to re-running the kernel."""
