@@ -44,9 +44,9 @@ PRESETS = {
     ),
     # Remat: without it SyCoCa-B/16 at batch 256 needs 125 GiB (out of memory on a 141 GB H200);
     # with remat=dots 40 GiB, and CoCa-B/16 runs faster than without (217 vs 250 ms per step).
-    # dots_attention_gelu also keeps the attention kernels' outputs and the GELU: compiled for an
-    # H200, 44 GB fewer outside matrix products and attention, and 68 fewer attention kernels
-    # than dots, for 12 GiB more (docs/performance.md).
+    # dots_attention_gelu also keeps q/k/v after their bias, the attention kernels' outputs and
+    # the GELU: compiled for an H200, 286 GB outside matrix products and attention instead of
+    # 372 and 140 attention kernels instead of 208, for 12 GiB more (docs/performance.md).
     "b16": dict(
         size="B/16", objective="sycoca", model=dict(remat="dots_attention_gelu", scan_unroll=0)
     ),
