@@ -164,20 +164,25 @@ def test_dots_attention_keeps_the_kernels_residuals_instead_of_rerunning_it(mask
         np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+def _module_loss(module: nn.Module, shape: tuple[int, ...]):
+    """``remat -> loss(params, x)`` of one module under that policy, its parameters and input."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    params = module.init(jax.random.key(1), x)
+
+    def loss(remat: str):
+        def f(p, x):
+            return jnp.sum(jnp.sin(module.apply(p, x)))
+
+        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
+
+    return loss, params, x
+
+
 def test_dots_attention_keeps_queries_keys_and_values_after_their_bias():
     """The attention kernel's backward reads q, k and v: under ``dots`` only the products before
     the bias are kept, so the bias add runs again in the backward (and cannot fold into the
     product's cuBLAS call in the forward, where the bare product is kept too)."""
-    attention = layers.MultiHeadAttention(num_heads=2)
-    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    params = attention.init(jax.random.key(1), x)
-
-    def loss(remat: str):
-        def f(p, x):
-            return jnp.sum(jnp.sin(attention.apply(p, x)))
-
-        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
-
+    loss, params, x = _module_loss(layers.MultiHeadAttention(num_heads=2), (2, 5, 8))
     named, bare = "f32[2,5,2,4] named 'attention_inputs'", "f32[2,5,8] output of dot_general"
     saved = _saved(loss("dots"), params, x)
     assert named not in saved and saved.count(bare) == 4  # q, k, v and the output projection
@@ -201,16 +206,7 @@ def test_the_policies_name_jax_s_cudnn_attention_call():
 
 
 def test_dots_attention_gelu_keeps_the_mlp_activation_and_the_gradients():
-    mlp = layers.Mlp(hidden_dim=32)
-    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
-    params = mlp.init(jax.random.key(1), x)
-
-    def loss(remat: str):
-        def f(p, x):
-            return jnp.sum(jnp.sin(mlp.apply(p, x)))
-
-        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
-
+    loss, params, x = _module_loss(layers.Mlp(hidden_dim=32), (2, 3, 8))
     activation = "f32[2,3,32] named 'mlp_activation'"
     assert activation not in _saved(loss("dots_attention"), params, x)
     assert activation in _saved(loss("dots_attention_gelu"), params, x)
