@@ -24,7 +24,7 @@ Array = jax.Array
 NEG_INF = -1e9  # large finite negative: keeps fully-masked rows finite (they never occur by design)
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "jax")
 # The name splash attention gives the residuals its backward pass reads (output, log-sum-exp), so a
-# remat policy can keep them (layers.save_dots_and).
+# remat policy can keep them (remat.save_dots_and).
 ATTENTION_RESIDUALS = "attention_residuals"
 SPLASH_BLOCK = 128  # splash attention's tile along both sequences (TPU lanes)
 _QKV_AXES = ("act_batch", None, "heads", None)  # (B, T, H, D) activations

@@ -1,4 +1,4 @@
-"""Building blocks shared by every tower: attention (with a KV cache), MLP, pre-LN blocks, poolers.
+"""Building blocks shared by every tower: attention (with a KV cache), MLP, pre-LN blocks.
 
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``layers``...) so one
 rule table decides how the whole model is sharded; activations are constrained at block boundaries
@@ -15,57 +15,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from sycoca_jax.models.attention import ATTENTION_RESIDUALS, pad_stack_to_even
 from sycoca_jax.models.attention import AttentionMask as AttentionMask
 from sycoca_jax.models.attention import causal_mask as causal_mask
 from sycoca_jax.models.attention import dot_product_attention as dot_product_attention
 from sycoca_jax.models.attention import key_padding_mask as key_padding_mask
+from sycoca_jax.models.attention import pad_stack_to_even
+from sycoca_jax.models.remat import ATTENTION_INPUTS, MLP_ACTIVATION, remat_policy
 
 Dtype = Any
 Array = jax.Array
-
-
-# Names that let a remat policy keep a value: the MLP's activation, and the queries, keys and
-# values (after their bias) that attention kernels read again in their backward.
-MLP_ACTIVATION = "mlp_activation"
-ATTENTION_INPUTS = "attention_inputs"
-# jax.nn.dot_product_attention's cuDNN forward call, whose outputs are the output and the softmax
-# statistics its backward reads.
-_CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
-
-
-def save_dots_and(*names: str) -> Callable:
-    """``dots`` plus what an attention kernel reads and returns for its backward (queries, keys
-    and values after their bias; output and softmax statistics: cuDNN's forward call, splash's
-    named residuals) and the values tagged with ``names``.
-
-    Why: under ``dots`` the backward re-runs every attention kernel's forward (on one H200,
-    SyCoCa-B/16's attention took 35.7 ms of its step; batch 128 without remat took 12.3) and
-    every q/k/v bias add; and it recomputes the GELU from the saved product, re-reading and
-    re-writing the widest activation. Keeping q, k and v after the bias, rather than the bare
-    products, also lets XLA fold the bias into the product's cuBLAS call."""
-
-    def policy(prim: Any, *args: Any, **params: Any) -> bool:
-        if jax.checkpoint_policies.checkpoint_dots(prim, *args, **params):
-            return True
-        if prim.name == _CUDNN_ATTENTION_FORWARD:
-            return True
-        return prim.name == "name" and params.get("name") in (
-            ATTENTION_INPUTS,
-            ATTENTION_RESIDUALS,
-            *names,
-        )
-
-    return policy
-
-
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_attention": save_dots_and(),
-    "dots_attention_gelu": save_dots_and(MLP_ACTIVATION),
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def l2_normalize(x: Array) -> Array:
@@ -380,17 +338,12 @@ class BlockStack(nn.Module):
         unroll = scan_unroll(self.depth, self.scan_unroll)
         block_cls = Block
         if self.remat != "none":
-            if self.remat not in REMAT_POLICIES:
-                raise ValueError(
-                    f"remat must be one of none, {', '.join(REMAT_POLICIES)}; got {self.remat!r}"
-                )
+            policy = remat_policy(self.remat)
             # Only a loop keeps XLA from merging the backward pass's recomputation with the
             # forward pass (which would keep the activations remat was asked to drop): layers
             # outside one (unrolled, or the remainder of an uneven unroll) need the barrier.
             looped = self.scan and unroll < self.depth and self.depth % unroll == 0
-            block_cls = nn.remat(
-                block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not looped
-            )
+            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not looped)
         kwargs = dict(
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
@@ -420,54 +373,3 @@ class BlockStack(nn.Module):
             for i in range(self.depth):
                 x = block_cls(name=f"block_{i}", **kwargs)(x, mask, context, context_mask)
         return x[:, :length]
-
-
-class AttentionalPooler(nn.Module):
-    """Learned queries cross-attending to a token sequence (CoCa's pooler).
-
-    ``query_norm`` LayerNorms the learned queries before they attend (open_clip's ``ln_q``).
-    ``single_token`` gives, for every input token, what the pooler outputs when that token is the
-    only one it sees (softmax over one key is 1): the token's value path through the pooler. The
-    relevance scores use it to place patches in the contrastive space whatever the pooler layout.
-    """
-
-    num_queries: int
-    width: int
-    num_heads: int
-    dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
-    layer_norm_epsilon: float = 1e-6
-    query_norm: bool = False
-
-    def setup(self):
-        self.queries = self.param(
-            "queries",
-            logical_init(nn.initializers.normal(0.02), ("queries", "embed")),
-            (self.num_queries, self.width),
-            jnp.float32,
-        )
-        if self.query_norm:
-            self.ln_queries = layer_norm(self.dtype, epsilon=self.layer_norm_epsilon)
-        self.ln_context = layer_norm(self.dtype, epsilon=self.layer_norm_epsilon)
-        self.attention = MultiHeadAttention(
-            self.num_heads,
-            out_features=self.width,
-            cross=True,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-        )
-        self.ln_out = layer_norm(self.dtype, epsilon=self.layer_norm_epsilon)
-
-    def __call__(self, tokens: Array, mask: Array | None = None) -> Array:
-        context = self.ln_context(tokens)
-        queries = self.queries.astype(self.dtype)
-        if self.query_norm:
-            queries = self.ln_queries(queries)
-        queries = jnp.broadcast_to(queries, (tokens.shape[0], self.num_queries, self.width))
-        out = self.attention(queries, context, mask=mask)
-        return self.ln_out(out)
-
-    def single_token(self, tokens: Array) -> Array:
-        """(B, N, D_in) -> (B, N, width): each token pooled on its own."""
-        context = self.ln_context(tokens)
-        return self.ln_out(self.attention(context, context, value_only=True))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sycoca_jax.models import branches, layers, options, pixels
+from sycoca_jax.models import branches, layers, options, pixels, poolers
 from sycoca_jax.models.text import MultimodalDecoder, TextEncoder, caption_input_and_target
 from sycoca_jax.models.tgmim import TGMIMDecoder
 from sycoca_jax.models.vit import ViT, gather_tokens
@@ -160,11 +160,11 @@ class SyCoCa(nn.Module):
             **common,
         )
         if self.pooler != "none":
-            self.caption_pooler = layers.AttentionalPooler(
+            self.caption_pooler = poolers.AttentionalPooler(
                 self.caption_queries, self.text_width, **pooler
             )
         if self.pooler in ("cascade", "parallel"):
-            self.contrastive_pooler = layers.AttentionalPooler(1, self.text_width, **pooler)
+            self.contrastive_pooler = poolers.AttentionalPooler(1, self.text_width, **pooler)
 
         def projection() -> nn.Dense:
             return nn.Dense(

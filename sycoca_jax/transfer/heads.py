@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sycoca_jax.models import layers
+from sycoca_jax.models import layers, poolers
 
 Array = jax.Array
 
@@ -29,7 +29,7 @@ class PooledClassifier(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, valid: Array | None = None) -> Array:
         mask = None if valid is None else layers.key_padding_mask(valid)
-        pooled = layers.AttentionalPooler(
+        pooled = poolers.AttentionalPooler(
             1, self.width, self.num_heads, dtype=jnp.dtype(self.dtype), name="pooler"
         )(tokens, mask)[:, 0]
         logits = nn.Dense(

@@ -17,6 +17,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import print_saved_residuals
 
 from sycoca_jax.models import layers
+from sycoca_jax.models import remat as remat_policies
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 8), (4, 8), (8,)])
@@ -149,7 +150,7 @@ def test_dots_attention_keeps_the_kernels_residuals_instead_of_rerunning_it(mask
         def f(q, k, v):
             return jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, mask, "splash")))
 
-        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
+        return jax.checkpoint(f, policy=remat_policies.REMAT_POLICIES[remat])
 
     kernel_output = "output of jitted function '_splash_attention'"
     assert _saved(loss("dots"), q, k, v).count(kernel_output) == 0
@@ -173,7 +174,7 @@ def _module_loss(module: nn.Module, shape: tuple[int, ...]):
         def f(p, x):
             return jnp.sum(jnp.sin(module.apply(p, x)))
 
-        return jax.checkpoint(f, policy=layers.REMAT_POLICIES[remat])
+        return jax.checkpoint(f, policy=remat_policies.REMAT_POLICIES[remat])
 
     return loss, params, x
 
@@ -199,8 +200,9 @@ def test_the_policies_name_jax_s_cudnn_attention_call():
     that renames it would silently fall back to re-running the kernel."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    assert cudnn._dot_product_attention_fwd_p_wrapper.name == layers._CUDNN_ATTENTION_FORWARD
-    policy = layers.REMAT_POLICIES["dots_attention"]
+    forward_name = remat_policies._CUDNN_ATTENTION_FORWARD
+    assert cudnn._dot_product_attention_fwd_p_wrapper.name == forward_name
+    policy = remat_policies.REMAT_POLICIES["dots_attention"]
     assert policy(cudnn._dot_product_attention_fwd_p_wrapper) is True
     assert policy(cudnn._dot_product_attention_bwd_p_wrapper) is False
 
